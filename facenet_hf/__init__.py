@@ -1,0 +1,7 @@
+"""facenet_hf: FaceNet face embedders trained with triplet loss on the Hugging Face stack."""
+
+__version__ = "0.1.0"
+
+from facenet_hf.model import FaceNet  # noqa: E402
+
+__all__ = ["FaceNet", "__version__"]
