@@ -1,0 +1,192 @@
+"""Embedding files (``.npz`` / ``.parquet``) and pair distances looked up by image path.
+
+* ``.npz``: arrays ``paths`` (str) and ``embeddings`` (float32, N x D).
+* ``.parquet``: columns ``path`` (string) and ``embedding`` (list of float32), one row per image.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["SUFFIXES", "load_embeddings", "pair_distances", "save_embeddings"]
+
+SUFFIXES = (".npz", ".parquet")
+
+
+def _suffix(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ValueError(
+            f"embedding file {str(path)!r} has suffix {suffix!r}; valid suffixes are {list(SUFFIXES)}"
+        )
+    return suffix
+
+
+def _duplicates(paths: Sequence[str]) -> list[str]:
+    uniq, counts = np.unique(np.asarray(paths, dtype=str), return_counts=True)
+    return uniq[counts > 1].tolist()
+
+
+def _check(paths: Sequence[str], emb: np.ndarray, where: str) -> None:
+    if emb.ndim != 2:
+        raise ValueError(f"{where}: embeddings must be 2-D (N, D), got shape {emb.shape}")
+    if len(paths) != emb.shape[0]:
+        raise ValueError(f"{where}: {len(paths)} paths but {emb.shape[0]} embedding rows; they must match")
+
+
+def save_embeddings(path: str | os.PathLike, paths: Sequence[str], embeddings: Any) -> Path:
+    """Write ``paths`` and ``embeddings`` (N x D, stored as float32) to ``.npz`` or ``.parquet``; return the path.
+
+    Paths must be unique. The file is written to a temporary name and renamed, so readers never see a partial file.
+    """
+    out = Path(path)
+    suffix = _suffix(out)
+    paths = [str(p) for p in paths]
+    emb = np.asarray(embeddings, dtype=np.float32)
+    _check(paths, emb, str(out))
+    dups = _duplicates(paths)
+    if dups:
+        raise ValueError(f"{out}: paths must be unique, {len(dups)} repeated, e.g. {dups[:5]}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}{suffix}")
+    try:
+        if suffix == ".npz":
+            np.savez(tmp, paths=np.asarray(paths, dtype=str), embeddings=emb)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            n, dim = emb.shape
+            values = pa.array(emb.reshape(-1), type=pa.float32())
+            large = n * dim >= 2**31  # int32 list offsets would overflow
+            offsets = pa.array(
+                np.arange(n + 1, dtype=np.int64) * dim, type=pa.int64() if large else pa.int32()
+            )
+            column = (pa.LargeListArray if large else pa.ListArray).from_arrays(offsets, values)
+            table = pa.table({"path": pa.array(paths, type=pa.string()), "embedding": column})
+            pq.write_table(table, tmp)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+def _load_npz(path: Path) -> tuple[list[str], np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        missing = [k for k in ("paths", "embeddings") if k not in data.files]
+        if missing:
+            raise KeyError(
+                f"{path}: missing array(s) {missing}; an embeddings .npz needs 'paths' and 'embeddings', "
+                f"found {sorted(data.files)}"
+            )
+        return [str(p) for p in data["paths"].tolist()], np.asarray(data["embeddings"], dtype=np.float32)
+
+
+def _load_parquet(path: Path) -> tuple[list[str], np.ndarray]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(path).names
+    missing = [c for c in ("path", "embedding") if c not in names]
+    if missing:
+        raise KeyError(
+            f"{path}: missing column(s) {missing}; an embeddings .parquet needs 'path' (string) and "
+            f"'embedding' (list of floats), found {names}"
+        )
+    table = pq.read_table(path, columns=["path", "embedding"])
+    col = table.column("embedding").combine_chunks()
+    if not (
+        pa.types.is_list(col.type)
+        or pa.types.is_large_list(col.type)
+        or pa.types.is_fixed_size_list(col.type)
+    ):
+        raise ValueError(f"{path}: column 'embedding' must be a list of floats, got type {col.type}")
+    if col.null_count:
+        raise ValueError(f"{path}: column 'embedding' has {col.null_count} null row(s)")
+    n = len(col)
+    lengths = np.asarray(col.value_lengths()) if n else np.zeros(0, dtype=np.int64)
+    if n and np.any(lengths != lengths[0]):
+        raise ValueError(
+            f"{path}: all embeddings must have the same length, got lengths {np.unique(lengths)[:5].tolist()}"
+        )
+    dim = int(lengths[0]) if n else 0
+    flat = col.flatten().to_numpy(zero_copy_only=False)
+    emb = np.asarray(flat, dtype=np.float32).reshape(n, dim)
+    paths = table.column("path").to_pylist()
+    if any(p is None for p in paths):
+        raise ValueError(f"{path}: column 'path' has null value(s)")
+    return [str(p) for p in paths], emb
+
+
+def load_embeddings(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
+    """Read ``(paths, embeddings float32 N x D)`` from a ``.npz`` or ``.parquet`` file written as above."""
+    src = Path(path)
+    suffix = _suffix(src)
+    if not src.is_file():
+        raise FileNotFoundError(f"embedding file not found: {src}")
+    paths, emb = _load_npz(src) if suffix == ".npz" else _load_parquet(src)
+    _check(paths, emb, str(src))
+    return paths, emb
+
+
+def _row_map(path_to_row: Mapping[str, int] | Sequence[str], n_rows: int) -> Mapping[str, int]:
+    if isinstance(path_to_row, Mapping):
+        return path_to_row
+    paths = [str(p) for p in path_to_row]
+    if len(paths) != n_rows:
+        raise ValueError(f"{len(paths)} paths but {n_rows} embedding rows; they must match")
+    dups = _duplicates(paths)
+    if dups:
+        raise ValueError(f"paths must be unique to map pairs to rows, {len(dups)} repeated, e.g. {dups[:5]}")
+    return {p: i for i, p in enumerate(paths)}
+
+
+def _rows(mapping: Mapping[str, int], wanted: Sequence[str], n_rows: int) -> np.ndarray:
+    missing = sorted({str(p) for p in wanted if p not in mapping})
+    if missing:
+        raise KeyError(
+            f"{len(missing)} pair path(s) have no embedding, e.g. {missing[:5]}; "
+            f"the embeddings cover {len(mapping)} paths"
+        )
+    rows = np.fromiter((mapping[p] for p in wanted), dtype=np.int64, count=len(wanted))
+    if rows.size and (rows.min() < 0 or rows.max() >= n_rows):
+        raise IndexError(f"path_to_row maps to rows outside 0..{n_rows - 1}")
+    return rows
+
+
+def pair_distances(
+    path_to_row: Mapping[str, int] | Sequence[str],
+    embeddings: Any,
+    paths1: Sequence[str],
+    paths2: Sequence[str],
+    *,
+    squared: bool = True,
+    normalize: bool = False,
+) -> np.ndarray:
+    """Euclidean (``squared=True``: squared) distances, float64, between the embeddings of ``paths1[i]``/``paths2[i]``.
+
+    ``path_to_row`` is a ``{path: row}`` mapping or the list of paths of the embedding rows. Embeddings are used
+    as given (callers L2-normalise them); ``normalize=True`` L2-normalises the rows first.
+    """
+    emb = np.asarray(embeddings, dtype=np.float64)
+    if emb.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D (N, D), got shape {emb.shape}")
+    if len(paths1) != len(paths2):
+        raise ValueError(f"paths1 and paths2 must have equal length, got {len(paths1)} and {len(paths2)}")
+    mapping = _row_map(path_to_row, emb.shape[0])
+    a = emb[_rows(mapping, paths1, emb.shape[0])]
+    b = emb[_rows(mapping, paths2, emb.shape[0])]
+    if normalize:
+        for m in (a, b):
+            norm = np.linalg.norm(m, axis=1, keepdims=True)
+            if np.any(norm == 0):
+                raise ValueError("cannot normalize: some embeddings have zero norm")
+            m /= norm
+    d = np.sum((a - b) ** 2, axis=1)
+    return d if squared else np.sqrt(d)
