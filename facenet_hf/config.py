@@ -1,0 +1,293 @@
+"""One typed configuration: dataclass defaults < YAML file < dotted overrides (``train.lr=1e-3``).
+
+Every key is checked: an unknown key fails with the nearest valid one, a value of the wrong type or out of
+range fails with the key, the value and what would be valid. ``save_config`` writes the resolved config
+beside a run's outputs so the run can be reproduced with ``--config <run>/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from facenet_hf.data.transforms import DEFAULT_EVAL_STEPS, DEFAULT_TRAIN_STEPS
+
+
+class ConfigError(ValueError):
+    """A config key or value is invalid; the message names it and says what is valid."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"  # any timm model name
+    embedding_dim: int = 128
+    head_bn: bool = True  # BatchNorm1d after the linear head (before L2 normalisation)
+    dropout: float = 0.0
+    image_size: int = 112
+    pretrained_weights: str | None = None  # local .safetensors with backbone (e.g. ImageNet) weights
+    normalization: Literal["backbone", "fixed"] = "backbone"  # backbone mean/std or FaceNet's (x-127.5)/128
+
+
+@dataclass
+class DataConfig:
+    train_source: str | None = None  # image folder / parquet / Hub id; default: lfw_dir
+    lfw_dir: str | None = None  # folder of Name/Name_NNNN.jpg (LFW deep-funneled)
+    pairs: str | None = None  # LFW pairs.txt
+    holdout_folds: list[int] = field(default_factory=lambda: [10])  # [] = outside-data mode, all folds scored
+    image_column: str | None = None
+    label_column: str | None = None
+    name_column: str | None = None
+    p: int = 16  # identities per batch
+    k: int = 4  # images per identity
+    min_images: int = 2  # identities with fewer images are never sampled
+    replacement: bool = True  # identities with < k images are sampled with replacement (else dropped)
+    num_workers: int = 2
+    train_transforms: list = field(default_factory=lambda: list(DEFAULT_TRAIN_STEPS))
+    eval_transforms: list = field(default_factory=lambda: list(DEFAULT_EVAL_STEPS))
+    bad_images: Literal["skip", "error"] = "skip"
+
+
+@dataclass
+class LossConfig:
+    margin: float = 0.2
+    mining: Literal["semihard", "batch_hard", "batch_all"] = "semihard"
+    squared: bool = True  # squared Euclidean distance (FaceNet) or plain Euclidean
+    global_mining: bool = False  # mine over the batch gathered from all processes
+
+
+@dataclass
+class TrainConfig:
+    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 5e-4  # not applied to norms and biases
+    momentum: float = 0.9  # sgd only
+    scheduler: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_steps: int = 100
+    step_every: int = 1000  # step scheduler: decay every N steps
+    step_gamma: float = 0.1
+    epochs: int = 10
+    max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
+    time_budget_minutes: float | None = None  # stop (and evaluate) after this much training time
+    grad_accum: int = 1
+    grad_clip: float | None = None  # max gradient norm (unscaled), None = off
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    channels_last: bool = False
+    seed: int = 0
+    log_every: int = 10
+    eval_every_epochs: int = 1  # 0 = only at the end
+    eval_flip: Literal["off", "sum", "concat"] = "sum"  # flip test-time augmentation
+    eval_batch_size: int = 128
+    checkpoint_every_steps: int = 0  # 0 = only at epoch ends
+    keep_checkpoints: int = 2
+    nonfinite_loss: Literal["skip", "error"] = "skip"  # what a NaN/Inf loss does
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs/default"
+    resume: str | None = None  # "latest" or a checkpoint folder
+    overwrite: bool = False  # allow writing into an output_dir that already holds a run
+    push_to_hub: str | None = None  # repo id to push the final model to
+
+
+_RANGES: dict[str, tuple[str, Any]] = {
+    "model.embedding_dim": (">=", 1),
+    "model.image_size": (">=", 16),
+    "data.p": (">=", 2),
+    "data.k": (">=", 2),
+    "data.min_images": (">=", 2),
+    "data.num_workers": (">=", 0),
+    "loss.margin": (">", 0),
+    "train.lr": (">", 0),
+    "train.weight_decay": (">=", 0),
+    "train.epochs": (">=", 1),
+    "train.max_steps": (">=", 1),
+    "train.time_budget_minutes": (">", 0),
+    "train.grad_accum": (">=", 1),
+    "train.grad_clip": (">", 0),
+    "train.warmup_steps": (">=", 0),
+    "train.log_every": (">=", 1),
+    "train.eval_every_epochs": (">=", 0),
+    "train.eval_batch_size": (">=", 1),
+    "train.checkpoint_every_steps": (">=", 0),
+    "train.keep_checkpoints": (">=", 1),
+}
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_value(key: str, value: Any, tp: Any) -> Any:
+    """Coerce ``value`` to the annotated type ``tp`` or raise ConfigError naming ``key``."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads no/off/false as False: map back to the spelled choice
+            spellings = ("yes", "on", "true") if value else ("no", "off", "false")
+            value = next((c for c in spellings if c in choices), value)
+        if value not in choices:
+            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}{extra}")
+        return value
+    if origin is list or tp is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = get_args(tp) or (Any,)
+        return value if item_tp is Any else [_check_value(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _unknown(key: str, valid: list[str]) -> ConfigError:
+    hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    extra = f"; did you mean {hint[0]!r}?" if hint else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown config key {key!r}{extra}")
+
+
+def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
+    hints = _type_hints(type(obj))
+    names = [f.name for f in fields(obj)]
+    for name, value in updates.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise _unknown(key, [f"{prefix}{n}" for n in names])
+        current = getattr(obj, name)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping of {[f.name for f in fields(current)]}, got {value!r}")
+            _merge(current, value, prefix=f"{key}.")
+        else:
+            setattr(obj, name, _check_value(key, value, hints[name]))
+
+
+def all_keys(cfg: Config | None = None) -> list[str]:
+    """Every dotted key, e.g. ``train.lr``."""
+    cfg = cfg or Config()
+    out: list[str] = []
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        out += [f"{f.name}.{g.name}" for g in fields(v)] if is_dataclass(v) else [f.name]
+    return out
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"train.lr=1e-3"`` -> ``("train.lr", 0.001)``; the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value, e.g. train.lr=1e-3")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    # YAML reads 1e-3 as a string (no dot): accept it as a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    return key.strip().lstrip("-"), value
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def validate(cfg: Config) -> Config:
+    """Check ranges and option combinations; raise ConfigError naming the key and the valid range."""
+    for key, (op, bound) in _RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is None:
+            continue
+        ok = value > bound if op == ">" else value >= bound
+        if not ok:
+            raise ConfigError(f"{key}: {value!r} is out of range; it must be {op} {bound}")
+    if not cfg.data.train_source and not cfg.data.lfw_dir:
+        raise ConfigError("data.train_source or data.lfw_dir must be set (a folder, parquet file or Hub dataset)")
+    if cfg.data.holdout_folds and not cfg.data.pairs:
+        raise ConfigError("data.holdout_folds needs data.pairs (LFW pairs.txt) to know whose people to hold out")
+    if cfg.train.mixed_precision == "fp16" and not _cuda_available():
+        raise ConfigError(
+            "train.mixed_precision: 'fp16' needs a CUDA GPU (none found); use 'bf16' on CPU or 'no'"
+        )
+    return cfg
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``key=value`` overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        try:
+            _merge(cfg, data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    for item in overrides or []:
+        key, value = parse_override(item)
+        if key not in all_keys(cfg):
+            raise _unknown(key, all_keys(cfg))
+        _merge(cfg, _nest(key, value))
+    return validate(cfg)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(path)

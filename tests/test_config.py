@@ -1,0 +1,112 @@
+"""Config: file < overrides precedence, typo errors with suggestions, type and range errors, round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from facenet_hf.cli import overrides_from_argv
+from facenet_hf.config import Config, ConfigError, all_keys, load_config, save_config
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = ["data.lfw_dir=/x", "data.pairs=/x/pairs.txt"]
+
+
+def test_every_shipped_config_loads():
+    files = sorted((ROOT / "configs").rglob("*.yaml"))
+    assert len(files) >= 4
+    for f in files:
+        cfg = load_config(f, ["train.mixed_precision=no"])  # fp16 presets need a GPU
+        assert isinstance(cfg, Config)
+
+
+def test_seed_recipe_preset_matches_its_name():
+    cfg = load_config(ROOT / "configs/lfw/r18_lfw_224_e2_adam_g1.yaml", ["train.mixed_precision=no"])
+    assert (cfg.model.backbone, cfg.model.image_size, cfg.train.epochs) == ("resnet18", 224, 2)
+    assert (cfg.train.optimizer, cfg.train.lr, cfg.data.p, cfg.data.k) == ("adam", 1e-4, 8, 8)
+    assert cfg.loss.margin == 0.2
+
+
+def test_yaml_no_and_off_stay_strings(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  mixed_precision: no\n  eval_flip: off\ndata:\n  lfw_dir: /a\n  pairs: /p\n")
+    cfg = load_config(f)
+    assert cfg.train.mixed_precision == "no" and cfg.train.eval_flip == "off"
+
+
+def test_override_precedence_and_types(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"train": {"lr": 0.5, "epochs": 3}, "data": {"lfw_dir": "/a", "pairs": "/p"}}))
+    cfg = load_config(f, ["train.lr=1e-3", "data.holdout_folds=[9,10]", "train.max_steps=null"])
+    assert cfg.train.lr == pytest.approx(1e-3) and cfg.train.epochs == 3
+    assert cfg.data.holdout_folds == [9, 10] and cfg.train.max_steps is None
+
+
+def test_typo_names_nearest_key():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.lrr'.*did you mean 'train\.lr'"):
+        load_config(None, [*BASE, "train.lrr=0.1"])
+    with pytest.raises(ConfigError, match=r"did you mean 'loss\.mining'"):
+        load_config(None, [*BASE, "loss.minning=semihard"])
+
+
+def test_typo_in_file_names_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*train\.epoch.*did you mean 'train\.epochs'"):
+        load_config(f)
+
+
+@pytest.mark.parametrize(
+    "item, pattern",
+    [
+        ("loss.mining=semi_hard", r"loss\.mining: 'semi_hard' is not one of .*did you mean 'semihard'"),
+        ("data.p=1", r"data\.p: 1 is out of range; it must be >= 2"),
+        ("data.k=1", r"data\.k: 1 is out of range"),
+        ("loss.margin=0", r"loss\.margin: 0.0 is out of range; it must be > 0"),
+        ("train.epochs=two", r"train\.epochs: expected an integer, got 'two'"),
+        ("train.channels_last=maybe", r"expected true/false"),
+    ],
+)
+def test_bad_values_name_key_and_valid_range(item, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, [*BASE, item])
+
+
+def test_missing_data_and_holdout_without_pairs():
+    with pytest.raises(ConfigError, match="train_source or data.lfw_dir"):
+        load_config(None, [])
+    with pytest.raises(ConfigError, match="holdout_folds needs data.pairs"):
+        load_config(None, ["data.lfw_dir=/x"])
+
+
+def test_fp16_on_cpu_refused():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ConfigError, match="fp16.*needs a CUDA GPU.*bf16"):
+        load_config(None, [*BASE, "train.mixed_precision=fp16"])
+
+
+def test_saved_config_reloads_identically(tmp_path):
+    cfg = load_config(None, [*BASE, "train.lr=3e-4", "data.p=4"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+
+
+def test_argv_overrides_forms():
+    assert overrides_from_argv(["--train.lr", "1e-3", "--data.p=8", "loss.margin=0.3"]) == [
+        "train.lr=1e-3",
+        "data.p=8",
+        "loss.margin=0.3",
+    ]
+    with pytest.raises(ConfigError, match="needs a value"):
+        overrides_from_argv(["--train.lr"])
+
+
+def test_all_keys_cover_sections():
+    keys = all_keys()
+    assert "train.lr" in keys and "data.p" in keys and "loss.mining" in keys and "output_dir" in keys
