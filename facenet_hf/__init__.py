@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from facenet_hf.model import FaceNet  # noqa: E402
+from facenet_hf.model import FaceNet
 
 __all__ = ["FaceNet", "__version__"]

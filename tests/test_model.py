@@ -6,9 +6,11 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from facenet_hf import FaceNet
+from facenet_hf.model import CONFIG_FIELDS, InvalidConfigError, validate_config
 
 
 def _tiny(**kw) -> FaceNet:
@@ -86,3 +88,110 @@ def test_backbone_weights_from_local_file(tmp_path):
 def test_invalid_arguments():
     with pytest.raises(ValueError, match="distance must be one of"):
         FaceNet(distance="cosine")
+
+
+# -- config.json validation on load ----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("margin", 0.2, r"field 'margin' is unknown; a FaceNet config holds only backbone"),
+        ("embedding_dims", 32, r"field 'embedding_dims' is unknown \(did you mean 'embedding_dim'\?\)"),
+        ("embedding_dim", 0, r"field 'embedding_dim' must be an integer in \[1, 65536\], got 0"),
+        ("embedding_dim", 70000, r"'embedding_dim' must be an integer in \[1, 65536\], got 70000"),
+        ("embedding_dim", 32.0, r"'embedding_dim' must be an integer"),
+        ("image_size", 8, r"field 'image_size' must be an integer in \[16, 4096\], got 8"),
+        ("image_size", 5000, r"'image_size' must be an integer in \[16, 4096\]"),
+        ("mean", [0.5, 0.5], r"field 'mean' must be 3 finite numbers"),
+        ("std", [0.5, 0.0, 0.5], r"field 'std' must be 3 finite numbers .*all > 0"),
+        ("threshold", -0.1, r"field 'threshold' must be null or a number in \[0, 4\]"),
+        ("threshold", 9.0, r"field 'threshold' must be null or a number in \[0, 4\]"),
+        ("distance", "cosine", r"field 'distance' must be one of \['squared_euclidean', 'euclidean'\]"),
+        ("dropout", 1.5, r"field 'dropout' must be a number in \[0, 1\)"),
+        ("head_bn", "yes", r"field 'head_bn' must be true or false"),
+        (
+            "backbone",
+            "hf-hub:timm/resnet18.a1_in1k",
+            r"field 'backbone' must be the name of a timm architecture",
+        ),
+        ("backbone", "no_such_net", r"field 'backbone' must be the name of a timm architecture"),
+        (
+            "eval_transforms",
+            [{"sharpen": {}}],
+            r"field 'eval_transforms' does not build: .*unknown step 'sharpen'",
+        ),
+    ],
+)
+def test_bad_config_json_is_refused_naming_the_field(tmp_path, field, value, message):
+    _tiny().save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InvalidConfigError, match=message) as info:
+        FaceNet.from_pretrained(tmp_path)
+    assert info.value.field == field and str(tmp_path) in str(info.value)
+
+
+def test_missing_config_or_bad_keyword_is_refused(tmp_path):
+    _tiny().save_pretrained(tmp_path)
+    with pytest.raises(InvalidConfigError, match=r"from_pretrained keyword arguments: field 'threshold'"):
+        FaceNet.from_pretrained(tmp_path, threshold=-1.0)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"has no config\.json"):
+        FaceNet.from_pretrained(tmp_path)
+
+
+def test_validate_config_accepts_what_save_pretrained_writes(tmp_path):
+    model = _tiny(threshold=1.2, eval_transforms=[{"face_crop": {"fraction": 0.7}}, "resize"])
+    assert set(CONFIG_FIELDS) == set(model.config)  # the validator knows every field save_pretrained writes
+    validate_config(model.config)
+    validate_config(json.loads(json.dumps(model.config)))
+    with pytest.raises(InvalidConfigError, match=r"field 'backbone' is missing"):
+        validate_config({"embedding_dim": 8})
+    with pytest.raises(InvalidConfigError, match=r"must be a JSON object"):
+        validate_config([1, 2])
+
+
+# -- inference helpers -----------------------------------------------------------------------------------
+def _images(n: int, size: int = 40) -> list[Image.Image]:
+    gen = torch.Generator().manual_seed(3)
+    return [
+        Image.fromarray((torch.rand(size, size, 3, generator=gen) * 255).to(torch.uint8).numpy())
+        for _ in range(n)
+    ]
+
+
+def test_preprocess_and_embed_follow_the_stored_eval_transform(tmp_path):
+    model = _tiny(eval_transforms=[{"center_crop": {"size": 36}}])
+    images = _images(5)
+    x = model.preprocess(images)
+    assert x.shape == (5, 3, 32, 32) and x.dtype == torch.float32
+    with torch.no_grad():
+        direct = model(x)
+    emb = model.embed(images, batch_size=2)
+    torch.testing.assert_close(emb, direct, rtol=0, atol=1e-6)
+    assert emb.shape == (5, 32) and not emb.requires_grad
+    assert model.embed(images, flip="concat").shape == (5, 64)
+    images[0].save(tmp_path / "a.png")
+    torch.testing.assert_close(model.embed([tmp_path / "a.png"]), emb[:1], rtol=0, atol=1e-6)
+    assert model.embed([]).shape == (0, 32)
+    model.train()
+    model.embed(images[:2])
+    assert model.training  # the mode is restored
+    with pytest.raises(ValueError, match="flip must be one of"):
+        model.embed(images, flip="mirror")
+
+
+def test_verify_uses_the_stored_threshold_and_distance():
+    a, b = _images(2)
+    model = _tiny()
+    with pytest.raises(ValueError, match=r"no calibrated verification threshold.*facenet-hf evaluate"):
+        model.verify(a, b)
+    model.threshold = 4.0
+    same, d = model.verify(a, a)
+    assert same and d == pytest.approx(0.0, abs=1e-9)
+    emb = model.embed([a, b], flip="sum").double()
+    expected = float(((emb[0] - emb[1]) ** 2).sum())
+    assert model.verify(a, b) == (expected <= 4.0, pytest.approx(expected))
+    model.threshold, model.distance = expected / 2, "euclidean"
+    same, d = model.verify(a, b)
+    assert d == pytest.approx(expected**0.5) and same == (expected**0.5 <= expected / 2)

@@ -1,0 +1,84 @@
+"""Batched embedding of image files with a FaceNet model, optional flip test-time augmentation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from facenet_hf.data.transforms import BatchTransform, build_transform, collate_batch
+
+FLIP_MODES = ("off", "sum", "concat")
+
+
+def model_transform(model: nn.Module) -> Callable:
+    """The eval preprocessing stored in a model's config."""
+    from facenet_hf.data.transforms import DEFAULT_EVAL_STEPS
+
+    steps = model.eval_transforms if model.eval_transforms is not None else DEFAULT_EVAL_STEPS
+    return build_transform(steps, image_size=model.image_size, mean=model.mean, std=model.std)
+
+
+def flip_embed(model: nn.Module, pixel_values: torch.Tensor, flip: str) -> torch.Tensor:
+    """Embed a batch; ``flip`` = off | sum (normalise(f(x) + f(flip x))) | concat ([f(x), f(flip x)] / sqrt 2)."""
+    if flip not in FLIP_MODES:
+        raise ValueError(f"flip must be one of {FLIP_MODES}, got {flip!r}")
+    emb = model(pixel_values)
+    if flip == "off":
+        return emb.float()
+    emb_flip = model(torch.flip(pixel_values, dims=[3]))
+    if flip == "sum":
+        return F.normalize(emb.float() + emb_flip.float(), dim=-1)
+    return torch.cat([emb.float(), emb_flip.float()], dim=-1) / np.sqrt(2.0)
+
+
+@torch.inference_mode()
+def embed_files(
+    model: nn.Module,
+    files: Sequence[str],
+    *,
+    transform: Callable | None = None,
+    batch_size: int = 128,
+    flip: str = "off",
+    num_workers: int = 0,
+    accelerator=None,
+    progress: bool = True,
+    desc: str = "embedding",
+) -> np.ndarray:
+    """Embed image files in order; returns float32 ``[len(files), D]`` (D doubles with ``flip='concat'``).
+
+    With an ``accelerator`` the files are split across processes and gathered back without duplicates
+    (``gather_for_metrics``); every process gets the full array.
+    """
+    transform = transform or model_transform(accelerator.unwrap_model(model) if accelerator else model)
+    ds = datasets.Dataset.from_dict({"image": list(files), "label": [0] * len(files)})
+    ds = ds.cast_column("image", datasets.Image(decode=False))
+    ds = ds.with_transform(BatchTransform(transform, bad_image_policy="error"))
+    loader = DataLoader(
+        ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_batch
+    )
+    was_training = model.training
+    model.eval()
+    if accelerator is not None:
+        loader = accelerator.prepare(loader)
+        device = accelerator.device
+    else:
+        device = next(model.parameters()).device
+    show = progress and (accelerator is None or accelerator.is_main_process)
+    out = []
+    for batch in tqdm(loader, desc=desc, disable=not show, leave=False):
+        x = batch["pixel_values"].to(device, non_blocking=True)
+        emb = flip_embed(model, x, flip)
+        if accelerator is not None:
+            emb = accelerator.gather_for_metrics(emb)
+        out.append(emb.cpu())
+    model.train(was_training)
+    if not out:
+        return np.zeros((0, 0), dtype=np.float32)
+    return torch.cat(out).numpy().astype(np.float32)

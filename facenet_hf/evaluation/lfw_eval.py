@@ -1,0 +1,87 @@
+"""LFW verification of a model: embed each distinct pair image once, score pairs, run the fold protocol."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from facenet_hf.data.lfw import LFWPairs
+from facenet_hf.evaluation.embed import embed_files
+from facenet_hf.evaluation.plots import plot_distance_histogram, plot_roc
+from facenet_hf.evaluation.verification import report_to_json, verification_protocol
+
+
+def pair_distances_from_embeddings(
+    emb: np.ndarray, index: dict[str, int], paths1: Sequence[str], paths2: Sequence[str], *, squared: bool
+) -> np.ndarray:
+    """Distances between the rows of ``emb`` named by the two path lists."""
+    i1 = np.fromiter((index[p] for p in paths1), dtype=np.int64, count=len(paths1))
+    i2 = np.fromiter((index[p] for p in paths2), dtype=np.int64, count=len(paths2))
+    d = np.sum((emb[i1].astype(np.float64) - emb[i2].astype(np.float64)) ** 2, axis=1)
+    return d if squared else np.sqrt(d)
+
+
+def evaluate_lfw(
+    model,
+    lfw_dir: str | os.PathLike,
+    pairs: LFWPairs,
+    *,
+    flip: str = "sum",
+    batch_size: int = 128,
+    num_workers: int = 0,
+    squared: bool = True,
+    far_target: float = 1e-3,
+    accelerator=None,
+    progress: bool = True,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Score ``pairs`` (all of its folds) with ``model``; returns the protocol report and the pair distances."""
+    paths1, paths2 = pairs.paths()
+    unique = sorted(set(paths1) | set(paths2))
+    root = Path(lfw_dir)
+    missing = [p for p in unique if not (root / p).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} pair images are missing under {root}, e.g. {missing[:5]}; "
+            "data.lfw_dir must be the folder holding Name/Name_NNNN.jpg"
+        )
+    emb = embed_files(
+        model,
+        [str(root / p) for p in unique],
+        batch_size=batch_size,
+        flip=flip,
+        num_workers=num_workers,
+        accelerator=accelerator,
+        progress=progress,
+        desc="embedding LFW pairs",
+    )
+    index = {p: i for i, p in enumerate(unique)}
+    distances = pair_distances_from_embeddings(emb, index, paths1, paths2, squared=squared)
+    report = verification_protocol(distances, pairs.is_same, pairs.fold, far_target=far_target)
+    report["n_images"] = len(unique)
+    report["flip"] = flip
+    report["distance"] = "squared_euclidean" if squared else "euclidean"
+    return report, distances
+
+
+def write_report(
+    report: dict[str, Any], distances: np.ndarray, is_same: np.ndarray, out_dir: str | os.PathLike
+) -> dict[str, Path]:
+    """Write ``lfw_report.json``, ``lfw_roc.png`` and ``lfw_distances.png`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": out / "lfw_report.json",
+        "roc": out / "lfw_roc.png",
+        "hist": out / "lfw_distances.png",
+    }
+    tmp = paths["json"].with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report_to_json(report), indent=2))
+    tmp.replace(paths["json"])
+    plot_roc(report, paths["roc"])
+    plot_distance_histogram(distances, is_same, report["threshold"], paths["hist"])
+    return paths
