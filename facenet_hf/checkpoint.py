@@ -58,7 +58,9 @@ def verify(ckpt: Path) -> dict:
     """Check every file against the manifest; return the manifest or raise CheckpointError naming the file."""
     manifest_path = ckpt / MANIFEST
     if not manifest_path.is_file():
-        raise CheckpointError(f"checkpoint {ckpt} has no {MANIFEST}: it is incomplete or not a facenet_hf checkpoint")
+        raise CheckpointError(
+            f"checkpoint {ckpt} has no {MANIFEST}: it is incomplete or not a facenet_hf checkpoint"
+        )
     try:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as e:

@@ -8,6 +8,7 @@ beside a run's outputs so the run can be reproduced with ``--config <run>/config
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -124,6 +125,9 @@ _RANGES: dict[str, tuple[str, Any]] = {
 }
 
 
+_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
 def _type_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -158,7 +162,11 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (item_tp,) = get_args(tp) or (Any,)
-        return value if item_tp is Any else [_check_value(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+        return (
+            value
+            if item_tp is Any
+            else [_check_value(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+        )
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true/false, got {value!r}")
@@ -194,7 +202,9 @@ def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
         current = getattr(obj, name)
         if is_dataclass(current):
             if not isinstance(value, dict):
-                raise ConfigError(f"{key}: expected a mapping of {[f.name for f in fields(current)]}, got {value!r}")
+                raise ConfigError(
+                    f"{key}: expected a mapping of {[f.name for f in fields(current)]}, got {value!r}"
+                )
             _merge(current, value, prefix=f"{key}.")
         else:
             setattr(obj, name, _check_value(key, value, hints[name]))
@@ -216,12 +226,8 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"override {item!r} must look like key=value, e.g. train.lr=1e-3")
     key, raw = item.split("=", 1)
     value = yaml.safe_load(raw) if raw.strip() else None
-    # YAML reads 1e-3 as a string (no dot): accept it as a number.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in ".eE") else value
-        except ValueError:
-            pass
+    if isinstance(value, str) and _SCIENTIFIC.match(value):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        value = float(value)
     return key.strip().lstrip("-"), value
 
 
@@ -243,9 +249,13 @@ def validate(cfg: Config) -> Config:
         if not ok:
             raise ConfigError(f"{key}: {value!r} is out of range; it must be {op} {bound}")
     if not cfg.data.train_source and not cfg.data.lfw_dir:
-        raise ConfigError("data.train_source or data.lfw_dir must be set (a folder, parquet file or Hub dataset)")
+        raise ConfigError(
+            "data.train_source or data.lfw_dir must be set (a folder, parquet file or Hub dataset)"
+        )
     if cfg.data.holdout_folds and not cfg.data.pairs:
-        raise ConfigError("data.holdout_folds needs data.pairs (LFW pairs.txt) to know whose people to hold out")
+        raise ConfigError(
+            "data.holdout_folds needs data.pairs (LFW pairs.txt) to know whose people to hold out"
+        )
     if cfg.train.mixed_precision == "fp16" and not _cuda_available():
         raise ConfigError(
             "train.mixed_precision: 'fp16' needs a CUDA GPU (none found); use 'bf16' on CPU or 'no'"

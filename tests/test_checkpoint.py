@@ -36,7 +36,9 @@ def test_truncated_file_is_named_and_latest_falls_back(tmp_path):
     _make(tmp_path, 1)
     bad = _make(tmp_path, 2)
     (bad / "model.safetensors").write_bytes(b"x" * 10)
-    with pytest.raises(CheckpointError, match=r"step_00000002: file model.safetensors has 10 bytes, expected 100"):
+    with pytest.raises(
+        CheckpointError, match=r"step_00000002: file model.safetensors has 10 bytes, expected 100"
+    ):
         checkpoint.verify(bad)
     with pytest.raises(CheckpointError, match="model.safetensors has 10 bytes"):
         checkpoint.resolve(str(bad), tmp_path)

@@ -38,7 +38,9 @@ def test_yaml_no_and_off_stay_strings(tmp_path):
 
 def test_override_precedence_and_types(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text(yaml.safe_dump({"train": {"lr": 0.5, "epochs": 3}, "data": {"lfw_dir": "/a", "pairs": "/p"}}))
+    f.write_text(
+        yaml.safe_dump({"train": {"lr": 0.5, "epochs": 3}, "data": {"lfw_dir": "/a", "pairs": "/p"}})
+    )
     cfg = load_config(f, ["train.lr=1e-3", "data.holdout_folds=[9,10]", "train.max_steps=null"])
     assert cfg.train.lr == pytest.approx(1e-3) and cfg.train.epochs == 3
     assert cfg.data.holdout_folds == [9, 10] and cfg.train.max_steps is None
