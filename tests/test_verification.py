@@ -282,3 +282,23 @@ def test_plots_write_pngs(tmp_path):
     assert _is_png(plots.plot_distance_histogram(d, y, r["threshold"], tmp_path / "hist.png"))
     with pytest.raises(ValueError, match="fpr"):
         plots.plot_roc({"accuracy_mean": 0.9}, tmp_path / "bad.png")
+
+
+def test_learning_curve_plot(tmp_path):
+    from facenet_hf.evaluation.plots import plot_learning_curve, read_eval_curve
+
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": 10, "elapsed": 60.0, "loss": 0.1}]
+    rows += [
+        {"step": 10 * i, "elapsed": 60.0 * i, "eval": {"accuracy_mean": 0.5 + 0.1 * i}} for i in (1, 2, 3)
+    ]
+    metrics.write_text("\n".join(json.dumps(r) for r in rows))
+    minutes, acc = read_eval_curve(metrics)
+    np.testing.assert_allclose(minutes, [1.0, 2.0, 3.0])
+    np.testing.assert_allclose(acc, [0.6, 0.7, 0.8])
+    out = plot_learning_curve({"run": metrics}, tmp_path / "curve.png")
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps(rows[0]))
+    with pytest.raises(ValueError, match="no evaluation"):
+        plot_learning_curve({"run": empty}, tmp_path / "x.png")

@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_distance_histogram", "plot_roc"]
+__all__ = ["plot_distance_histogram", "plot_learning_curve", "plot_roc", "read_eval_curve"]
 
 DPI = 150
 FAR_MIN = 1e-4
@@ -183,4 +183,36 @@ def plot_distance_histogram(
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=9, framealpha=0.9)
     ax.set_title(title if title is not None else "Pair distances: matched vs mismatched")
+    return _save(fig, path)
+
+
+def read_eval_curve(metrics_file: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """(training minutes, held-out accuracy) of the evaluations logged in a run's ``metrics.jsonl``."""
+    import json
+
+    minutes, acc = [], []
+    for line in Path(metrics_file).read_text().splitlines():
+        row = json.loads(line)
+        if "eval" in row:
+            minutes.append(row["elapsed"] / 60.0)
+            acc.append(row["eval"]["accuracy_mean"])
+    return np.asarray(minutes), np.asarray(acc)
+
+
+def plot_learning_curve(
+    runs: Mapping[str, str | os.PathLike], path: str | os.PathLike, *, title: str | None = None
+) -> Path:
+    """Held-out accuracy against training time, one line per run (``label -> metrics.jsonl``)."""
+    fig = _new_figure((6.4, 4.2))
+    ax = fig.add_subplot()
+    for label, metrics in runs.items():
+        minutes, acc = read_eval_curve(metrics)
+        if len(minutes) == 0:
+            raise ValueError(f"{metrics} holds no evaluation; train with train.eval_every_epochs > 0")
+        ax.plot(minutes, 100 * acc, marker="o", markersize=3, label=f"{label} (final {100 * acc[-1]:.1f}%)")
+    ax.set_xlabel("training time (minutes)")
+    ax.set_ylabel("held-out verification accuracy (%)")
+    ax.set_title(title or "Learning curve")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right")
     return _save(fig, path)
