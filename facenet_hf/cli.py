@@ -92,7 +92,14 @@ def run_training(cfg: Config, args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return 0
     setup_logging()
-    result = train(cfg, progress=not args.quiet)
+    try:
+        result = train(cfg, progress=not args.quiet)
+    except KeyboardInterrupt:
+        from accelerate.state import PartialState
+
+        if PartialState().is_main_process:
+            print(_interrupted_message(cfg), file=sys.stderr)
+        return 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
     from accelerate.state import PartialState
 
     if PartialState().is_main_process:
@@ -110,6 +117,15 @@ def run_training(cfg: Config, args: argparse.Namespace) -> int:
         if result.model_dir:
             print(f"model written to {result.model_dir}")
     return 0
+
+
+def _interrupted_message(cfg: Config) -> str:
+    from facenet_hf.checkpoint import list_checkpoints
+
+    saved = list_checkpoints(Path(cfg.output_dir) / "checkpoints")
+    if saved:
+        return f"interrupted: checkpoint {saved[-1]} saved; continue with resume=latest (same output_dir)"
+    return f"interrupted before the first checkpoint: nothing to resume in {cfg.output_dir}"
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -162,9 +178,14 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         report, distances = _evaluate_embeddings(args, pairs)
         out = Path(args.out or Path(args.embeddings).with_suffix("").as_posix() + "_lfw")
     else:
-        from facenet_hf.model import FaceNet
+        from facenet_hf.model import FaceNet, InvalidConfigError
 
-        model = FaceNet.from_pretrained(args.model, revision=args.revision)
+        try:
+            model = FaceNet.from_pretrained(args.model, revision=args.revision)
+        except (FileNotFoundError, InvalidConfigError, KeyError) as e:  # e.g. pickle-only weights: refused
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            print(f"facenet-hf evaluate: cannot load model {args.model}: {msg}", file=sys.stderr)
+            return 1
         distance = args.distance or model.distance
         report, distances = evaluate_lfw(
             model,

@@ -51,7 +51,9 @@ class DataConfig:
     num_workers: int = 2
     train_transforms: list = field(default_factory=lambda: list(DEFAULT_TRAIN_STEPS))
     eval_transforms: list = field(default_factory=lambda: list(DEFAULT_EVAL_STEPS))
-    bad_images: Literal["skip", "error"] = "skip"
+    bad_images: Literal["skip", "error"] = "skip"  # what an unusable image file does (docs/robustness.md)
+    prescan: Literal["off", "header", "decode"] = "header"  # check every training image before training
+    max_bad_fraction: float = 0.5  # refuse to train when more of the files are bad (0..1)
 
 
 @dataclass
@@ -255,6 +257,14 @@ def validate(cfg: Config) -> Config:
     if cfg.data.holdout_folds and not cfg.data.pairs:
         raise ConfigError(
             "data.holdout_folds needs data.pairs (LFW pairs.txt) to know whose people to hold out"
+        )
+    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
+        raise ConfigError(
+            f"data.max_bad_fraction: {cfg.data.max_bad_fraction!r} is out of range; it must be in [0, 1]"
+        )
+    if cfg.data.pairs and not cfg.data.lfw_dir:
+        raise ConfigError(
+            "data.pairs needs data.lfw_dir (the folder holding the pair images Name/Name_NNNN.jpg)"
         )
     if cfg.train.mixed_precision == "fp16" and not _cuda_available():
         raise ConfigError(

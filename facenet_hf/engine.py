@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,10 +27,18 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from facenet_hf import checkpoint
-from facenet_hf.config import Config, config_to_dict, save_config
-from facenet_hf.data.lfw import LFWPairs, check_disjoint, identity_disjoint_split, read_pairs
+from facenet_hf.config import Config, ConfigError, config_to_dict, save_config
+from facenet_hf.data.images import BadImageError
+from facenet_hf.data.lfw import (
+    LFWPairs,
+    check_disjoint,
+    identity_disjoint_split,
+    missing_pair_images,
+    read_pairs,
+)
+from facenet_hf.data.prescan import prescan_dataset, scan_files
 from facenet_hf.data.sampler import PKBatchSampler
-from facenet_hf.data.sources import labels_of, load_source
+from facenet_hf.data.sources import arrow_column, labels_of, load_source
 from facenet_hf.data.transforms import BatchTransform, build_transform, collate_batch
 from facenet_hf.evaluation.lfw_eval import evaluate_lfw, write_report
 from facenet_hf.losses import TripletLoss
@@ -52,6 +62,7 @@ class TrainState:
     images: int = 0  # training images seen, all processes together
     skipped_nonfinite: int = 0
     bad_images: list = field(default_factory=list)  # [path, reason] of files skipped so far
+    excluded: list = field(default_factory=list)  # rows no longer sampled (failed to decode; 1 process)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,11 +102,56 @@ def build_model(cfg: Config) -> FaceNet:
     )
     if m.pretrained_weights:
         model.load_backbone_weights(m.pretrained_weights)
+    _check_image_size(model, cfg)
     return model
 
 
-def build_data(cfg: Config):
-    """Training dataset (identity-disjoint from the evaluation pairs) and the evaluation pairs (or None)."""
+def _check_image_size(model: FaceNet, cfg: Config) -> None:
+    """Refuse a ``model.image_size`` the backbone cannot take (e.g. a ViT built for 224 px), before training."""
+    size, name = cfg.model.image_size, cfg.model.backbone
+    patch = getattr(model.backbone, "patch_embed", None)
+    fixed = getattr(patch, "img_size", None)
+    if fixed is not None and getattr(patch, "strict_img_size", False) and tuple(fixed) != (size, size):
+        raise ConfigError(
+            f"model.image_size={size} does not fit backbone {name!r}: it takes only {fixed[0]}x{fixed[1]} images; "
+            f"set model.image_size={fixed[0]}, or use a backbone that takes any size (a CNN such as resnet18)"
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        error = _forward_error(model, size)
+        if error is None:
+            return
+        default = (getattr(model.backbone, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1]
+        if default != size and _forward_error(model, default) is None:
+            raise ConfigError(
+                f"model.image_size={size} does not fit backbone {name!r}: it fails on {size}x{size} images "
+                f"({error}) but works at {default}x{default}; set model.image_size={default}"
+            )
+        raise ValueError(
+            f"backbone {name!r} does not work as a FaceNet backbone: a forward pass fails ({error})"
+        )
+    finally:
+        model.train(was_training)
+
+
+def _forward_error(model: FaceNet, size: int) -> str | None:
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def build_data(cfg: Config, *, bad_images: list | None = None, progress: bool = False):
+    """Training dataset (identity-disjoint from the evaluation pairs) and the evaluation pairs (or None).
+
+    Every data error surfaces here, before training: the source, the pairs file, missing or unusable pair
+    images, and (``data.prescan``) unusable training images: the first one with ``data.bad_images=error``, more
+    than ``data.max_bad_fraction`` of them with ``skip``; else they are dropped and their ``[path, reason]``
+    appended to ``bad_images``.
+    """
     d = cfg.data
     source = d.train_source or d.lfw_dir
     ds = load_source(
@@ -106,7 +162,55 @@ def build_data(cfg: Config):
         ds, pairs = identity_disjoint_split(ds, pairs, d.holdout_folds)
     elif pairs is not None:
         check_disjoint(set(ds.unique("identity")), pairs)
+    if pairs is not None:
+        _check_pair_images(cfg, pairs)
+    total = len(ds)
+    ds, bad = prescan_dataset(
+        ds,
+        mode=d.prescan,
+        policy=d.bad_images,
+        max_bad_fraction=d.max_bad_fraction,
+        num_workers=d.num_workers,
+        progress=progress,
+    )
+    if bad:
+        logger.warning(
+            "pre-scan: %d of %d training images are unusable and left out (see bad_images.tsv), e.g. %s: %s",
+            len(bad),
+            total,
+            bad[0][1],
+            bad[0][2],
+        )
+        if bad_images is not None:
+            bad_images.extend([path, reason] for _, path, reason in bad)
     return ds, pairs
+
+
+def _check_pair_images(cfg: Config, pairs: LFWPairs) -> None:
+    """Every pair image must exist (and, with ``data.prescan``, be usable): the protocol needs every pair."""
+    root = Path(cfg.data.lfw_dir)
+    missing = missing_pair_images(root, pairs)
+    if missing:
+        shown = ", ".join(missing[:20]) + (", ..." if len(missing) > 20 else "")
+        raise FileNotFoundError(
+            f"{len(missing)} images named by the evaluation pairs ({cfg.data.pairs}) are missing under {root}: "
+            f"{shown}; data.lfw_dir must hold Name/Name_NNNN.jpg for every pair image"
+        )
+    if cfg.data.prescan == "off":
+        return
+    p1, p2 = pairs.paths()
+    bad = scan_files(
+        [root / p for p in sorted(set(p1) | set(p2))],
+        decode=cfg.data.prescan == "decode",
+        num_workers=cfg.data.num_workers,
+    )
+    if bad:
+        others = "; ".join(f"{path}: {reason}" for _, path, reason in bad[1:6])
+        raise BadImageError(
+            bad[0][1],
+            f"{bad[0][2]} [an evaluation pair image: the verification protocol needs every pair; "
+            f"{len(bad)} pair image(s) are unusable{': ' + others if others else ''}]",
+        )
 
 
 def _check_output_dir(cfg: Config) -> Path:
@@ -116,6 +220,17 @@ def _check_output_dir(cfg: Config) -> Path:
             f"{out} already holds a run; pass resume=latest to continue it, overwrite=true to replace it, "
             "or choose another output_dir"
         )
+    try:  # fail now, not after the data is loaded: permissions, a file in the way, a read-only disk
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise type(e)(
+            e.errno,
+            f"cannot write into output_dir {out}: {e.strerror or e} ({e.filename}); fix its permissions or "
+            "choose another output_dir",
+        ) from None
     return out
 
 
@@ -124,26 +239,43 @@ def train(cfg: Config, *, progress: bool = True) -> TrainResult:
     t = cfg.train
     out = _check_output_dir(cfg)
     accelerator = Accelerator(
+        cpu=not _has_accelerator_device(),  # else torchrun on CPUs gives N independent 1-process runs
         mixed_precision=t.mixed_precision,
         gradient_accumulation_steps=t.grad_accum,
         log_with=_trackers(),
         project_dir=str(out),
     )
     try:
+        _check_world_size(accelerator)
         return _train(cfg, accelerator, out, progress)
     finally:
         _release(accelerator)
 
 
+def _has_accelerator_device() -> bool:
+    """Whether torch sees a GPU (or another accelerator); without one, accelerate must be told ``cpu=True``."""
+    acc = getattr(torch, "accelerator", None)
+    return bool(acc.is_available()) if acc is not None else torch.cuda.is_available()
+
+
+def _check_world_size(accelerator: Accelerator) -> None:
+    """Refuse to run as several independent single-process runs (they would write the same files)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched != accelerator.num_processes:
+        raise RuntimeError(
+            f"launched as {launched} processes (WORLD_SIZE) but accelerate set up {accelerator.num_processes} "
+            f"({accelerator.distributed_type}); on CPUs use `accelerate launch --multi_gpu --num_processes N` or "
+            "`torchrun --nproc_per_node N` (`accelerate launch --cpu --num_processes N` starts 1 process)"
+        )
+
+
 def _train(cfg: Config, accelerator: Accelerator, out: Path, progress: bool) -> TrainResult:
     t = cfg.train
     set_seed(t.seed)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    accelerator.wait_for_everyone()
-
-    train_ds, eval_pairs = build_data(cfg)
+    prescan_bad: list = []
+    train_ds, eval_pairs = build_data(
+        cfg, bad_images=prescan_bad, progress=progress and accelerator.is_main_process
+    )
     sampler = PKBatchSampler(
         labels_of(train_ds),
         cfg.data.p,
@@ -153,6 +285,10 @@ def _train(cfg: Config, accelerator: Accelerator, out: Path, progress: bool) -> 
         min_images=cfg.data.min_images,
     )
     model = build_model(cfg)
+    if accelerator.is_main_process:  # written once the data and the model are known to be usable
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    accelerator.wait_for_everyone()
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_tf = build_transform(
@@ -164,7 +300,8 @@ def _train(cfg: Config, accelerator: Accelerator, out: Path, progress: bool) -> 
         batch_sampler=sampler,
         num_workers=cfg.data.num_workers,
         collate_fn=collate_batch,
-        persistent_workers=cfg.data.num_workers > 0,
+        # not persistent: each epoch's workers start from batch_tf as it is then (its epoch, see below)
+        persistent_workers=False,
         generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG out of the data order
     )
     optimizer = build_optimizer(model, t)
@@ -173,16 +310,26 @@ def _train(cfg: Config, accelerator: Accelerator, out: Path, progress: bool) -> 
     state = TrainState()
     accelerator.register_for_checkpointing(state)
 
-    steps_per_epoch = max(1, len(loader) // t.grad_accum)
+    # len(loader) = len(sampler) // num_processes; accelerate also syncs on an epoch's last micro-batch
+    steps_per_epoch = max(1, -(-len(loader) // t.grad_accum))
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     ckpt_root = out / "checkpoints"
+    metrics_file = out / "metrics.jsonl"
     if cfg.resume:
         path = checkpoint.resolve(cfg.resume, ckpt_root)
         accelerator.load_state(str(path))
         logger.info("resumed from %s at step %d (epoch %d)", path, state.step, state.epoch)
+        if accelerator.is_main_process:
+            _truncate_metrics(metrics_file, state.step)
+        accelerator.wait_for_everyone()
+    saved = _position(state) if cfg.resume else None  # the state the newest checkpoint holds
+    known = {p for p, _ in state.bad_images}
+    state.bad_images.extend(b for b in prescan_bad if b[0] not in known)
+    if state.excluded:
+        sampler.exclude(state.excluded)
+    rows_of = _RowsByPath(train_ds)
     if accelerator.is_main_process:
         accelerator.init_trackers("facenet_hf", config=_flat(config_to_dict(cfg)))
-    metrics_file = out / "metrics.jsonl"
 
     report = None
     bar = tqdm(
@@ -192,15 +339,20 @@ def _train(cfg: Config, accelerator: Accelerator, out: Path, progress: bool) -> 
         disable=not (progress and accelerator.is_main_process),
     )
     stop = state.step >= total_steps
+    mid_step = False  # micro-batches consumed whose optimizer step is not done (not in a checkpoint)
     try:
         while not stop:
             # accelerate's loader re-sets the sampler's epoch from its own counter (1 process) and does not call
-            # it at all (> 1 process): set both, then skip what a resumed run already consumed.
+            # it at all (> 1 process): set both, then skip what a resumed run already consumed. With N processes
+            # BatchSamplerShard hands process r the sampler's batches r, r + N, ...: the sampler position is
+            # N x the batches each process consumed. The augmentations are seeded per (seed, epoch, batch).
             loader.set_epoch(state.epoch)
             sampler.set_epoch(state.epoch)
             sampler.skip(state.batches_in_epoch * accelerator.num_processes)
+            batch_tf.set_epoch(state.epoch)
             t0 = time.perf_counter()
             for batch in loader:
+                mid_step = True
                 state.batches_in_epoch += 1
                 stats = _train_step(batch, model, optimizer, loss_fn, accelerator, cfg, state, total_steps)
                 if not accelerator.sync_gradients:
@@ -209,12 +361,14 @@ def _train(cfg: Config, accelerator: Accelerator, out: Path, progress: bool) -> 
                 state.elapsed += now - t0
                 t0 = now
                 state.step += 1
+                mid_step = False
                 bar.update(1)
                 if state.step % t.log_every == 0:
                     _log(accelerator, state, stats, optimizer, metrics_file, bar)
                     stop = _should_stop(accelerator, state, cfg)
                 if t.checkpoint_every_steps and state.step % t.checkpoint_every_steps == 0:
                     save_checkpoint(accelerator, state, ckpt_root, t.keep_checkpoints)
+                    saved = _position(state)
                 if state.step >= total_steps:
                     stop = True
                 if stop:
@@ -222,7 +376,9 @@ def _train(cfg: Config, accelerator: Accelerator, out: Path, progress: bool) -> 
             else:
                 state.epoch += 1
                 state.batches_in_epoch = 0
+                _exclude_bad_rows(accelerator, sampler, state, rows_of)
                 save_checkpoint(accelerator, state, ckpt_root, t.keep_checkpoints)
+                saved = _position(state)
                 if (
                     eval_pairs is not None
                     and t.eval_every_epochs
@@ -231,14 +387,22 @@ def _train(cfg: Config, accelerator: Accelerator, out: Path, progress: bool) -> 
                 ):
                     report = _evaluate(accelerator, model, cfg, eval_pairs, state, metrics_file, write=False)
     except KeyboardInterrupt:
-        logger.warning("interrupted: saving a checkpoint at step %d before exiting", state.step)
-        save_checkpoint(accelerator, state, ckpt_root, t.keep_checkpoints)
+        # Only a state between optimizer steps can be saved (accumulated gradients are not in a checkpoint),
+        # and only with one process: with several, the others may be anywhere (e.g. inside a collective).
+        if accelerator.num_processes == 1 and not mid_step and saved != _position(state):
+            logger.warning("interrupted: saving a checkpoint at step %d before exiting", state.step)
+            save_checkpoint(accelerator, state, ckpt_root, t.keep_checkpoints)
+        else:
+            logger.warning(
+                "interrupted at step %d; resume=latest continues from the last checkpoint", state.step
+            )
         raise
     finally:
         bar.close()
         _write_bad_images(accelerator, state, out)
 
-    save_checkpoint(accelerator, state, ckpt_root, t.keep_checkpoints)
+    if saved != _position(state):
+        save_checkpoint(accelerator, state, ckpt_root, t.keep_checkpoints)
     if eval_pairs is not None:
         report = _evaluate(accelerator, model, cfg, eval_pairs, state, metrics_file, write=True)
     model_dir = None
@@ -271,6 +435,7 @@ def _train_step(
         if cfg.loss.global_mining and accelerator.num_processes > 1:
             emb, labels, valid = _gather_with_local_grad(accelerator, emb, labels, valid)
         loss, stats = loss_fn(emb[valid], labels[valid])
+        stats["loss"] = loss.detach()  # logged as computed (before the scaling below)
         if cfg.loss.global_mining and accelerator.num_processes > 1:
             loss = loss * accelerator.num_processes  # DDP averages: this makes the sum the global gradient
         if not _all_finite(accelerator, loss):
@@ -283,8 +448,7 @@ def _train_step(
             logger.warning(
                 "step %d: non-finite loss, step skipped (%d so far)", state.step, state.skipped_nonfinite
             )
-            optimizer.zero_grad(set_to_none=True)
-            stats["loss"] = loss.detach()
+            optimizer.zero_grad(set_to_none=True)  # a no-op on a micro-step that does not sync
             return stats
         accelerator.backward(loss)
         if accelerator.sync_gradients:
@@ -295,8 +459,28 @@ def _train_step(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     state.images += x.shape[0] * accelerator.num_processes
-    stats["loss"] = loss.detach()
     return stats
+
+
+def _position(state: TrainState) -> tuple[int, int, int]:
+    return state.step, state.epoch, state.batches_in_epoch
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the lines a killed run wrote after the checkpoint it resumes from (and a half-written last line)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and entry.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    tmp.replace(path)
 
 
 def _all_finite(accelerator, loss: torch.Tensor) -> bool:
@@ -338,7 +522,13 @@ def _should_stop(accelerator, state: TrainState, cfg: Config) -> bool:
 
 
 def _log(accelerator, state, stats, optimizer, metrics_file: Path, bar) -> None:
-    values = {k: float(v) for k, v in stats.items()}
+    """Log the last step's stats, averaged over the processes (each mines its own block unless global)."""
+    names = sorted(stats)
+    vec = torch.stack([stats[k].detach().float().reshape(()) for k in names]).to(accelerator.device)
+    if accelerator.num_processes > 1:
+        vec = accelerator.reduce(vec, reduction="mean")
+    values: dict[str, Any] = dict(zip(names, vec.tolist(), strict=True))
+    values["skipped_nonfinite"] = state.skipped_nonfinite
     values["lr"] = optimizer.param_groups[0]["lr"]
     values["images_per_second"] = state.images / max(state.elapsed, 1e-9)
     values["epoch"] = state.epoch
@@ -384,30 +574,94 @@ def _evaluate(accelerator, model, cfg, pairs, state, metrics_file: Path, *, writ
 
 
 def save_checkpoint(accelerator, state: TrainState, root: Path, keep: int) -> Path | None:
-    """``save_state`` into a temporary folder, then verify-and-rename it (main process), then prune."""
+    """``save_state`` into a temporary folder, then verify-and-rename it (main process), then prune.
+
+    A write failure (disk full, permissions, ...) removes the temporary folder and raises
+    :class:`~facenet_hf.checkpoint.CheckpointError` naming the checkpoint and the cause; earlier checkpoints are
+    untouched, so ``resume=latest`` continues from the last complete one.
+    """
     tmp = checkpoint.tmp_dir_for(root, state.step)
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    final = None
-    if accelerator.is_main_process:
-        final = checkpoint.finalize(tmp, state.step)
-        checkpoint.prune(root, keep)
+    try:
+        if accelerator.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        final = None
+        if accelerator.is_main_process:
+            final = checkpoint.finalize(tmp, state.step)
+            checkpoint.prune(root, keep)
+    except Exception as e:
+        if isinstance(e, checkpoint.CheckpointError):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = checkpoint.list_checkpoints(root)
+        kept = f"the last complete one, {previous[-1]}, is intact" if previous else "there is no earlier one"
+        raise checkpoint.CheckpointError(
+            f"could not write checkpoint {root / f'step_{state.step:08d}'} (step {state.step}): "
+            f"{type(e).__name__}: {e}. The partial folder was removed and {kept}; free disk space or fix "
+            "permissions, then continue with resume=latest"
+        ) from e
     accelerator.wait_for_everyone()
     return final
 
 
+class _RowsByPath:
+    """Image path -> its training row (built on first use; a path shared by several rows maps to nothing)."""
+
+    def __init__(self, ds) -> None:
+        self.ds = ds
+        self._rows: dict[str, int] | None = None
+
+    def __call__(self, path: str) -> int | None:
+        if self._rows is None:
+            import pyarrow.compute as pc
+
+            paths = pc.struct_field(arrow_column(self.ds, "image"), "path").to_pylist()
+            seen: dict[str, int] = {}
+            for i, p in enumerate(paths):
+                if p:
+                    seen[p] = -1 if p in seen else i
+            self._rows = {p: i for p, i in seen.items() if i >= 0}
+        return self._rows.get(path)
+
+
+def _exclude_bad_rows(accelerator, sampler: PKBatchSampler, state: TrainState, rows_of: _RowsByPath) -> None:
+    """Stop sampling the rows whose files failed to decode (from the next epoch on; one process only: with
+    several, each sees other failures and the samplers must stay identical, so the skip policy alone applies)."""
+    if accelerator.num_processes > 1 or not state.bad_images:
+        return
+    rows = {r for path, _ in state.bad_images if (r := rows_of(path)) is not None} - set(state.excluded)
+    if not rows:
+        return
+    try:
+        sampler.exclude(sorted(rows))
+    except ValueError as e:
+        logger.warning(
+            "cannot stop sampling %d unusable file(s): %s; they stay skipped batch by batch", len(rows), e
+        )
+        return
+    state.excluded = sampler.excluded
+    logger.info("%d unusable file(s) will not be sampled again", len(rows))
+
+
 def _write_bad_images(accelerator, state: TrainState, out: Path) -> None:
-    if state.bad_images and accelerator.is_main_process:
+    if not (state.bad_images and accelerator.is_main_process):
+        return
+    try:
         with (out / "bad_images.tsv").open("w") as f:
             f.write("path\treason\n")
             seen = set()
             for path, reason in state.bad_images:
                 if path not in seen:
                     seen.add(path)
-                    f.write(f"{path}\t{reason}\n")
+                    f.write(f"{_tsv(path)}\t{_tsv(reason)}\n")
+    except OSError as e:  # never hide the error that ended the run (e.g. a full disk) behind this one
+        logger.warning("could not write %s: %s", out / "bad_images.tsv", e)
+
+
+def _tsv(text: str) -> str:
+    return " ".join(str(text).split("\t")).replace("\n", " ")
 
 
 def _publish(cfg: Config, model_dir: Path, report, state: TrainState, accelerator) -> None:

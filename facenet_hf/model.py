@@ -211,7 +211,9 @@ class FaceNet(
         self.distance = distance
         self.threshold_flip = threshold_flip  # the flip TTA mode the threshold was calibrated with
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.head = nn.Linear(self.backbone.num_features, embedding_dim)
+        # pooled width: timm's head_hidden_size where a pre-logits layer sits after the features (mobilenetv3)
+        feat_dim = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
+        self.head = nn.Linear(feat_dim, embedding_dim)
         self.bn = nn.BatchNorm1d(embedding_dim) if head_bn else nn.Identity()
 
     @property

@@ -69,6 +69,9 @@ def test_typo_in_file_names_file(tmp_path):
         ("loss.margin=0", r"loss\.margin: 0.0 is out of range; it must be > 0"),
         ("train.epochs=two", r"train\.epochs: expected an integer, got 'two'"),
         ("train.channels_last=maybe", r"expected true/false"),
+        ("data.prescan=full", r"data\.prescan: 'full' is not one of \['off', 'header', 'decode'\]"),
+        ("data.max_bad_fraction=1.5", r"data\.max_bad_fraction: 1.5 is out of range; it must be in \[0, 1\]"),
+        ("data.max_bad_fraction=-0.1", r"data\.max_bad_fraction: -0.1 is out of range"),
     ],
 )
 def test_bad_values_name_key_and_valid_range(item, pattern):
@@ -81,6 +84,10 @@ def test_missing_data_and_holdout_without_pairs():
         load_config(None, [])
     with pytest.raises(ConfigError, match="holdout_folds needs data.pairs"):
         load_config(None, ["data.lfw_dir=/x"])
+    with pytest.raises(ConfigError, match=r"data\.pairs needs data\.lfw_dir"):
+        load_config(None, ["data.train_source=/x", "data.pairs=/p.txt"])
+    # YAML reads a bare off as false: it still means prescan "off"
+    assert load_config(None, [*BASE, "data.prescan=off"]).data.prescan == "off"
 
 
 def test_fp16_on_cpu_refused():

@@ -195,3 +195,12 @@ def test_verify_uses_the_stored_threshold_and_distance():
     model.threshold, model.distance = expected / 2, "euclidean"
     same, d = model.verify(a, b)
     assert d == pytest.approx(expected**0.5) and same == (expected**0.5 <= expected / 2)
+
+
+@pytest.mark.parametrize("backbone", ["mobilenetv3_small_100", "efficientnet_b0", "convnext_atto"])
+def test_other_timm_backbones_embed(backbone):
+    # mobilenetv3 pools to head_hidden_size (1024), not num_features: the head must be sized from the real width
+    model = FaceNet(backbone=backbone, embedding_dim=16, image_size=64).eval()
+    emb = model(torch.randn(2, 3, 64, 64))
+    assert emb.shape == (2, 16)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(2))

@@ -85,8 +85,19 @@ class PKBatchSampler:
         self.seed = int(seed)
         self.replacement = bool(replacement)
         self.min_images = int(min_images)
+        self._labels = arr
+        self._excluded = np.zeros(arr.size, dtype=bool)
+        self._index(np.arange(arr.size, dtype=np.int64))
+        self._len = (
+            int(num_batches) if num_batches is not None else max(1, self.num_usable_images // self.batch_size)
+        )
+        self._epoch = 0
+        self._skip = 0
 
-        order = np.argsort(arr, kind="stable")
+    def _index(self, rows: np.ndarray) -> None:
+        """Group ``rows`` (dataset indices) by usable identity; raise if fewer than ``p`` identities are usable."""
+        arr = self._labels
+        order = rows[np.argsort(arr[rows], kind="stable")]
         uniq, counts = np.unique(arr[order], return_counts=True)
         need = self.min_images if self.replacement else max(self.min_images, self.k)
         usable = counts >= need
@@ -99,18 +110,43 @@ class PKBatchSampler:
             )
             raise ValueError(
                 f"PKBatchSampler: p={self.p} identities per batch, but only {self.num_usable_identities} of "
-                f"{self.num_identities} identities ({arr.size} labels) have {rule}; lower p or min_images"
+                f"{self.num_identities} identities ({rows.size} labels) have {rule}; lower p or min_images"
                 + ("" if self.replacement else ", or allow replacement")
             )
         self._counts = counts[usable].astype(np.int64)
         keep = np.repeat(usable, counts)
         self._grouped = order[keep]  # indices grouped by usable identity, each group in index order
         self._starts = np.concatenate([[0], np.cumsum(self._counts)[:-1]]).astype(np.int64)
-        self._len = (
-            int(num_batches) if num_batches is not None else max(1, self.num_usable_images // self.batch_size)
-        )
-        self._epoch = 0
-        self._skip = 0
+
+    def exclude(self, indices: Sequence[int] | np.ndarray) -> None:
+        """Never sample these dataset indices again (e.g. files found unusable while training).
+
+        Takes effect at the next epoch (the current epoch's batches are already drawn); ``len(self)`` is kept, so
+        the run's step count does not change. Raises ``ValueError`` (and changes nothing) if fewer than ``p``
+        identities would stay usable. Excluding is deterministic: the same exclusions (e.g. restored from a
+        checkpoint) give the same batches.
+        """
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self._labels.size):
+            raise ValueError(f"PKBatchSampler.exclude: indices must be in 0..{self._labels.size - 1}")
+        excluded = self._excluded.copy()
+        excluded[idx] = True
+        if (excluded == self._excluded).all():
+            return
+        saved = (self.num_identities, self.num_usable_identities, self.num_usable_images)
+        saved_arrays = (self._counts, self._grouped, self._starts)
+        try:
+            self._index(np.flatnonzero(~excluded))
+        except ValueError:
+            self.num_identities, self.num_usable_identities, self.num_usable_images = saved
+            self._counts, self._grouped, self._starts = saved_arrays
+            raise
+        self._excluded = excluded
+
+    @property
+    def excluded(self) -> list[int]:
+        """The dataset indices excluded so far (sorted)."""
+        return np.flatnonzero(self._excluded).tolist()
 
     # --------------------------------------------------------------------------------------- cursor / state
 
