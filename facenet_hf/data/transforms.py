@@ -103,9 +103,12 @@ BAD_IMAGE_POLICIES = ("skip", "error")
 # LFW deep-funneled images are 250x250 with the face centred, ~110-130 px across: the central 60% (150 px) is
 # the face with a little margin. Rotation comes first, on the full image, so that the corners it leaves empty
 # fall outside the face crop (a 10 degree turn of 250 px covers the central 150 px entirely).
+# Rotating only a 175 px pre-crop (250 * 0.7) and then cutting the 150 px face crop gives the same pixels as
+# rotating the whole 250 px image (150 * (cos 10 + sin 10) < 175) at about half the cost of the costliest step.
 DEFAULT_TRAIN_STEPS: list[dict[str, dict[str, Any]]] = [
+    {"face_crop": {"fraction": 0.7}},
     {"rotate": {"degrees": 10}},
-    {"face_crop": {"fraction": 0.6}},
+    {"face_crop": {"fraction": 0.857143}},
     {"random_resized_crop": {"scale": [0.8, 1.0], "ratio": [0.9, 1.1]}},
     {"hflip": {"p": 0.5}},
     {"color_jitter": {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.0}},

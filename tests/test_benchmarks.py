@@ -1,0 +1,121 @@
+"""Smoke tests of the benchmark scripts: each ``main(["--quick", ...])`` on the bundled LFW sample (seconds each)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """The scripts' --quick sets torch's thread count for the process: give it back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_bench(name: str) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` (benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def lfw_args(sample: Path) -> list[str]:
+    return ["--lfw-dir", str(sample / "lfw-deepfunneled"), "--pairs", str(sample / "pairs.txt")]
+
+
+def test_train_step(lfw_sample, tmp_path, capsys):
+    out = tmp_path / "train.json"
+    assert load_bench("bench_train_step").main(["--quick", *lfw_args(lfw_sample), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["results"]) == {"full", "floor", "reference"}
+    for res in data["results"].values():
+        assert res["images_per_second"] > 0 and res["step_ms_median"] > 0
+        assert res["rounds"][0]["timed_steps"] == 2
+    assert data["results"]["full"]["rounds"][0]["engine_images_per_second"] > 0
+    assert set(data["ratios"]) == {"full/floor", "full/reference"}
+    assert data["meta"]["train_people"] == 192  # the sample's people outside fold 10
+    text = capsys.readouterr().out
+    assert "| method | img/s | ms/step (median) | x floor | full / this |" in text
+    assert "full/floor = " in text and "full/reference = " in text
+
+
+def test_data(lfw_sample, tmp_path, capsys):
+    out = tmp_path / "data.json"
+    bench = load_bench("bench_data")
+    assert bench.main(["--quick", "--lfw-dir", str(lfw_sample / "lfw-deepfunneled"), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["num_workers"] for r in data["results"]] == [0, 1, 2]
+    for row in data["results"]:
+        assert row["hf_images_per_second"] > 0 and row["torchvision_images_per_second"] > 0
+        assert row["hf/torchvision"] == pytest.approx(
+            row["hf_images_per_second"] / row["torchvision_images_per_second"]
+        )
+    stages = data["breakdown_us_per_image"]
+    for key in ("decode", "augment", "batch: decode + augment + stack", "batch: dataset + collate"):
+        assert set(stages[key]) == {"hf", "torchvision"}
+    assert any(k.startswith("hf op 1: ") for k in stages)
+    assert "| num_workers | hf img/s | torchvision img/s | hf / torchvision |" in capsys.readouterr().out
+
+
+def test_eval(lfw_sample, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert load_bench("bench_eval").main(["--quick", *lfw_args(lfw_sample), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["protocol"]["pairs"] == 6000 and data["protocol"]["folds"] == 10
+    assert data["protocol"]["median_ms"] > 0 and len(data["protocol"]["times_ms"]) == 3
+    bare, embed = data["embed"]
+    assert bare["method"] == "bare" and embed["method"] == "embed_files" and embed["num_workers"] == 0
+    assert embed["embed/bare"] == pytest.approx(embed["images_per_second"] / bare["images_per_second"])
+    text = capsys.readouterr().out
+    assert "| protocol | pairs | folds | median ms |" in text and "| embedding (flip off) |" in text
+
+
+def test_index(tmp_path, capsys):
+    out = tmp_path / "index.json"
+    assert load_bench("bench_index").main(["--quick", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["rows"] for r in data["results"]] == [2000, 6600]
+    for r in data["results"]:
+        assert r["images_opened"] == 0
+        assert r["batches"] == r["rows"] // 64
+        for key in ("labels_of_s", "sampler_init_s", "epoch_plan_s", "epoch_iter_s", "index_peak_mib"):
+            assert r[key] > 0
+    assert "tracemalloc" in data["meta"]["memory_method"]
+    assert "images opened: 0" in capsys.readouterr().out
+
+
+def test_index_dataset_has_no_real_image(tmp_path):
+    bench = load_bench("bench_index")
+    ds = bench.make_dataset(1000, 7, seed=0)
+    assert len(ds) == 1000 and ds.column_names == ["image", "label", "identity", "path"]
+    row = ds[999]
+    assert row["image"]["bytes"] is None and row["image"]["path"].startswith(bench.FAKE_ROOT)
+    assert not Path(bench.FAKE_ROOT).exists()
+
+
+def test_gpu_script_cpu_side(tmp_path, capsys):
+    bench = load_bench("bench_gpu")
+    assert bench.main(["--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "112px 16x4 compile off" in plan and "224px 8x8 compile on" in plan
+    if not torch.cuda.is_available():
+        assert bench.main([]) == 2  # no GPU: says so, runs nothing
+    out = tmp_path / "gpu.json"
+    assert bench.main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    (res,) = data["results"]
+    assert res["compile"] == "off" and res["images_per_second"] > 0
+    with pytest.raises(SystemExit):
+        bench.main(["--compile", "sometimes", "--dry-run"])
