@@ -154,6 +154,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distance", choices=["squared_euclidean", "euclidean"], default=None)
     parser.add_argument("--far", type=float, default=1e-3, help="FAR target for TAR@FAR")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--num-workers", type=int, default=2, help="image decoding worker processes")
     parser.add_argument("--revision", default=None, help="Hub revision of MODEL")
     parser.add_argument("--out", default=None, help="output folder for the report and plots")
     parser.add_argument(
@@ -193,6 +194,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
             pairs,
             flip=args.flip,
             batch_size=args.batch_size,
+            num_workers=args.num_workers,
             squared=distance == "squared_euclidean",
             far_target=args.far,
         )
