@@ -431,11 +431,11 @@ def test_batch_of_1024_is_fast(mining):
     emb = _unit(1024, 128, seed=0).requires_grad_(True)
     labels = _pk(128, 8)
     loss_fn = TripletLoss(0.2, mining)
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time of this process: steady on a shared, busy machine
     loss, stats = loss_fn(emb, labels)
     loss.backward()
-    # A B^3 implementation needs ~4 GB and seconds here; the O(B^2 log B) one takes tens of ms.
-    assert time.perf_counter() - start < 5.0
+    # A B^3 implementation needs ~4 GB and many CPU-seconds here; the O(B^2 log B) one ~0.1 CPU-second.
+    assert time.process_time() - start < 10.0
     assert torch.isfinite(loss) and stats["num_triplets"].item() > 0
 
 
@@ -471,3 +471,29 @@ def test_property_finite_non_negative(batch, squared, margin):
         assert torch.isfinite(grad).all(), (mining, dense)
         assert 0.0 <= stats["frac_active"].item() <= 1.0
         assert all(torch.isfinite(v) and v.item() >= 0 for v in stats.values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The mining benchmark runs end to end (tiny sizes)
+# ----------------------------------------------------------------------------------------------------------------
+def test_bench_mining_smoke(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_mining.py"
+    spec = importlib.util.spec_from_file_location("bench_mining_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--quick", "--k", "4", "--no-pml", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # --quick runs on 1 thread
+    table = capsys.readouterr().out
+    assert "| B | floor ms |" in table and "semihard ms (x floor)" in table
+    results = json.loads(out.read_text())["results"]
+    assert {(r["size"], r["method"]) for r in results} == {
+        (b, m) for b in (16, 32) for m in ("floor", *MINING_MODES)
+    }
