@@ -48,9 +48,14 @@ def finalize(tmp: Path, step: int, extra: dict | None = None) -> Path:
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     final = tmp.parent / f"step_{step:08d}"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if final.exists():  # same step saved again (e.g. at an epoch end): never leave a half-deleted step_N
+        old = tmp.parent / f".old-{final.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
     return final
 
 
@@ -65,7 +70,10 @@ def verify(ckpt: Path) -> dict:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"checkpoint {ckpt}: {MANIFEST} is corrupted ({e})") from None
-    for name, meta in manifest["files"].items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise CheckpointError(f"checkpoint {ckpt}: {MANIFEST} lists no files (corrupted)")
+    for name, meta in files.items():
         path = ckpt / name
         if not path.is_file():
             raise CheckpointError(f"checkpoint {ckpt}: file {name} is missing")
@@ -110,5 +118,6 @@ def prune(root: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints, and leftover temporary folders."""
     for path in list_checkpoints(root)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
-    for tmp in root.glob(".tmp-step_*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    for pattern in (".tmp-step_*", ".old-step_*"):
+        for tmp in root.glob(pattern):
+            shutil.rmtree(tmp, ignore_errors=True)

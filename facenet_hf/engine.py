@@ -7,6 +7,16 @@ LFW folds, and writes into ``cfg.output_dir``:
 - ``checkpoints/step_N/``: ``accelerator.save_state`` + manifest (atomic, verified on resume);
 - ``model/``: the final model (``save_pretrained``: safetensors + config.json with the threshold);
 - ``eval/``: the LFW report (JSON) and its ROC / distance plots; ``bad_images.tsv`` if any file was skipped.
+
+Multi-process (``accelerate launch`` / ``torchrun``; docs/training.md): every process takes whole P x K blocks,
+process r the sampler's batches r, r + N, ..., so each process gets ``len(sampler) // N`` batches per epoch and an
+epoch has ``ceil(len(sampler) // N / grad_accum)`` optimizer steps; the engine sets the sampler's epoch itself
+(accelerate does not with N > 1). ``loss.global_mining`` (off by default: one all-gather per step, and the mined
+batch becomes N x P x K) mines over all processes' blocks. Only the main process writes files.
+
+Resume (``resume=latest`` or a checkpoint folder) restores model, optimizer, RNG and :class:`TrainState`, cuts
+``metrics.jsonl`` back to the checkpoint's step, and skips the batches the epoch already consumed: a run killed
+and resumed logs the same losses as an uninterrupted one (CPU, same thread count; tests/test_resume.py).
 """
 
 from __future__ import annotations
@@ -15,6 +25,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,6 +70,7 @@ class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0
     batches_in_epoch: int = 0  # micro-batches this process consumed in the current epoch
+    num_processes: int = 0  # of the run that saved it (0: unknown), to place a resume with another count
     elapsed: float = 0.0  # training seconds (evaluation excluded)
     images: int = 0  # training images seen, all processes together
     skipped_nonfinite: int = 0
@@ -319,10 +332,12 @@ def _train(cfg: Config, accelerator: Accelerator, out: Path, progress: bool) -> 
         path = checkpoint.resolve(cfg.resume, ckpt_root)
         accelerator.load_state(str(path))
         logger.info("resumed from %s at step %d (epoch %d)", path, state.step, state.epoch)
+        state.batches_in_epoch = _remap_position(state, accelerator.num_processes)
         if accelerator.is_main_process:
             _truncate_metrics(metrics_file, state.step)
         accelerator.wait_for_everyone()
     saved = _position(state) if cfg.resume else None  # the state the newest checkpoint holds
+    state.num_processes = accelerator.num_processes
     known = {p for p, _ in state.bad_images}
     state.bad_images.extend(b for b in prescan_bad if b[0] not in known)
     if state.excluded:
@@ -340,7 +355,10 @@ def _train(cfg: Config, accelerator: Accelerator, out: Path, progress: bool) -> 
     )
     stop = state.step >= total_steps
     mid_step = False  # micro-batches consumed whose optimizer step is not done (not in a checkpoint)
+    agreed = False  # every process stops at the same step boundary (a deferred Ctrl-C)
+    interrupt = _DeferredInterrupt()
     try:
+        interrupt.install()
         while not stop:
             # accelerate's loader re-sets the sampler's epoch from its own counter (1 process) and does not call
             # it at all (> 1 process): set both, then skip what a resumed run already consumed. With N processes
@@ -369,6 +387,9 @@ def _train(cfg: Config, accelerator: Accelerator, out: Path, progress: bool) -> 
                 if t.checkpoint_every_steps and state.step % t.checkpoint_every_steps == 0:
                     save_checkpoint(accelerator, state, ckpt_root, t.keep_checkpoints)
                     saved = _position(state)
+                if _any_process(accelerator, interrupt.requested):
+                    agreed = True
+                    raise KeyboardInterrupt
                 if state.step >= total_steps:
                     stop = True
                 if stop:
@@ -388,8 +409,8 @@ def _train(cfg: Config, accelerator: Accelerator, out: Path, progress: bool) -> 
                     report = _evaluate(accelerator, model, cfg, eval_pairs, state, metrics_file, write=False)
     except KeyboardInterrupt:
         # Only a state between optimizer steps can be saved (accumulated gradients are not in a checkpoint),
-        # and only with one process: with several, the others may be anywhere (e.g. inside a collective).
-        if accelerator.num_processes == 1 and not mid_step and saved != _position(state):
+        # and with several processes only if all stopped at the same step (else one may be in a collective).
+        if not mid_step and (agreed or accelerator.num_processes == 1) and saved != _position(state):
             logger.warning("interrupted: saving a checkpoint at step %d before exiting", state.step)
             save_checkpoint(accelerator, state, ckpt_root, t.keep_checkpoints)
         else:
@@ -398,6 +419,7 @@ def _train(cfg: Config, accelerator: Accelerator, out: Path, progress: bool) -> 
             )
         raise
     finally:
+        interrupt.uninstall()
         bar.close()
         _write_bad_images(accelerator, state, out)
 
@@ -430,6 +452,9 @@ def _train_step(
     labels, valid = batch["labels"], batch["valid"]
     for path, reason in batch.get("bad", []):
         state.bad_images.append([path, reason])
+    # BatchNorm running statistics change in the forward: keep a copy to undo a skipped (non-finite) batch
+    buffers = [b for b in model.buffers() if b.is_floating_point()] if t.nonfinite_loss == "skip" else []
+    saved_buffers = [b.detach().clone() for b in buffers]
     with accelerator.accumulate(model):
         emb = model(x)
         if cfg.loss.global_mining and accelerator.num_processes > 1:
@@ -448,6 +473,9 @@ def _train_step(
             logger.warning(
                 "step %d: non-finite loss, step skipped (%d so far)", state.step, state.skipped_nonfinite
             )
+            with torch.no_grad():
+                for b, old in zip(buffers, saved_buffers, strict=True):
+                    b.copy_(old)
             optimizer.zero_grad(set_to_none=True)  # a no-op on a micro-step that does not sync
             return stats
         accelerator.backward(loss)
@@ -460,6 +488,60 @@ def _train_step(
         optimizer.zero_grad(set_to_none=True)
     state.images += x.shape[0] * accelerator.num_processes
     return stats
+
+
+class _DeferredInterrupt:
+    """Ctrl-C (SIGINT) while training: finish the current optimizer step, then raise KeyboardInterrupt at the
+    step boundary (so the checkpoint saved on the way out is exact); a second Ctrl-C raises at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._installed = False
+        self._previous: Any = None
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+
+    def uninstall(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+def _any_process(accelerator, flag: bool) -> bool:
+    """``flag`` on any process (a collective with several: every process must call it at the same step)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def _remap_position(state: TrainState, num_processes: int) -> int:
+    """Batches per process already consumed in the epoch, for a resume with ``num_processes`` processes.
+
+    The epoch's first ``batches_in_epoch x saved num_processes`` sampler batches are done; with another process
+    count the position is rounded down to a multiple of it (at most ``num_processes - 1`` batches are seen twice).
+    """
+    old = state.num_processes
+    if not old or old == num_processes or not state.batches_in_epoch:
+        return state.batches_in_epoch
+    done = state.batches_in_epoch * old
+    logger.warning(
+        "resuming a %d-process run with %d processes: the epoch continues at sampler batch %d (of %d done)",
+        old,
+        num_processes,
+        done // num_processes * num_processes,
+        done,
+    )
+    return done // num_processes
 
 
 def _position(state: TrainState) -> tuple[int, int, int]:

@@ -76,7 +76,9 @@ def test_pickle_only_folder_is_refused(tmp_path):
 
 def test_backbone_weights_from_local_file(tmp_path):
     src = _tiny()
-    save_file({k: v.contiguous() for k, v in src.backbone.state_dict().items()}, str(tmp_path / "bb.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in src.backbone.state_dict().items()}, str(tmp_path / "bb.safetensors")
+    )
     dst = FaceNet(backbone="resnet18", embedding_dim=32, image_size=32)
     dst.load_backbone_weights(tmp_path / "bb.safetensors")
     for k, v in src.backbone.state_dict().items():

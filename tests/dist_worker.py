@@ -1,0 +1,286 @@
+"""Worker for the multi-process tests: run by ``torch.distributed.run`` / ``accelerate launch`` (2 CPU processes).
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py MODE OUT [ARGS...]
+
+Each process writes ``OUT/rank{R}.json`` with what it saw; the tests compare the ranks and recompute the
+expected values in one process. Modes:
+
+``train OUT ARGV...``
+    The real entry point (``recipes/train_r18_lfw.py``'s ``main(ARGV)``), instrumented: every micro-batch's
+    image paths and labels, the epoch / batch counters, ``sync_gradients``, and a hash of the parameters after
+    each optimizer step; which rank called the functions that write files.
+``step OUT``
+    ``facenet_hf.engine._train_step`` on a ``Linear`` model with fixed random inputs, twice: ``global`` = one
+    step with ``loss.global_mining=true``; ``accum`` = ``train.grad_accum=2`` (two micro-batches per rank) with
+    the DDP all-reduce calls counted per micro-step, then one step where a single rank's loss is NaN.
+``eval OUT``
+    ``evaluate_lfw`` of a seeded tiny FaceNet on the bundled sample's pairs of folds 1-5, with the accelerator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "data" / "lfw_sample"
+
+
+def param_hash(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _write(out: Path, rank: int, record: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+# ------------------------------------------------------------------------------------------------------ train
+
+
+def run_train(out: Path, argv: list[str]) -> None:
+    from accelerate.state import PartialState
+    from conftest import load_recipe
+
+    import facenet_hf.engine as engine
+
+    calls: list[dict] = []
+    writes: list[str] = []
+
+    class PathBatchTransform(engine.BatchTransform):
+        """Also hands each row's relative path through the batch (``collate_batch`` keeps lists)."""
+
+        def __call__(self, batch):
+            result = super().__call__(batch)
+            result["path"] = list(batch["path"])
+            return result
+
+    original_step = engine._train_step
+
+    def recording_step(batch, model, optimizer, loss_fn, accelerator, cfg, state, total_steps):
+        record = {
+            "epoch": state.epoch,
+            "batch_in_epoch": state.batches_in_epoch,  # already counts this batch
+            "paths": list(batch["path"]),
+            "labels": batch["labels"].tolist(),
+        }
+        stats = original_step(batch, model, optimizer, loss_fn, accelerator, cfg, state, total_steps)
+        record["sync"] = bool(accelerator.sync_gradients)
+        record["param_hash"] = param_hash(model)
+        record["loss"] = float(stats["loss"])
+        calls.append(record)
+        return stats
+
+    def spy(name: str, fn):
+        def wrapper(*args, **kwargs):
+            writes.append(name)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    engine.BatchTransform = PathBatchTransform
+    engine._train_step = recording_step
+    engine.write_report = spy("write_report", engine.write_report)
+    engine.save_config = spy("save_config", engine.save_config)
+    engine.checkpoint.finalize = spy("finalize", engine.checkpoint.finalize)
+    engine.FaceNet.save_pretrained = spy("save_pretrained", engine.FaceNet.save_pretrained)
+
+    rc = load_recipe("train_r18_lfw").main(argv)
+    state = PartialState()
+    _write(
+        out,
+        state.process_index,
+        {"rc": rc, "num_processes": state.num_processes, "calls": calls, "writes": writes},
+    )
+
+
+# ------------------------------------------------------------------------------------------------------- step
+
+STEP_DIM, STEP_EMB, STEP_P, STEP_K = 6, 4, 3, 2
+
+
+def step_data(world: int, micro: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs ``[micro, world, P*K, D]`` and labels ``[micro, world, P*K]`` (P distinct labels x K per block)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(micro, world, STEP_P * STEP_K, STEP_DIM, generator=g)
+    labels = torch.empty(micro, world, STEP_P * STEP_K, dtype=torch.int64)
+    for m in range(micro):
+        for r in range(world):
+            ids = torch.randperm(10, generator=g)[:STEP_P]
+            labels[m, r] = ids.repeat_interleave(STEP_K)
+    return x, labels
+
+
+def step_model() -> torch.nn.Module:
+    torch.manual_seed(1234)
+    return torch.nn.Linear(STEP_DIM, STEP_EMB)
+
+
+def step_config(global_mining: bool, grad_accum: int):
+    from facenet_hf.config import Config
+
+    cfg = Config()
+    cfg.loss.global_mining = global_mining
+    cfg.loss.mining = "batch_hard"
+    cfg.train.grad_accum = grad_accum
+    cfg.train.lr = 1.0  # SGD without momentum: the update is exactly -grad
+    cfg.train.scheduler = "constant"
+    cfg.train.warmup_steps = 0
+    cfg.train.grad_clip = None
+    return cfg
+
+
+def run_step(out: Path) -> None:
+    """Both step checks, one after the other in the same processes (one launch)."""
+    from facenet_hf.engine import _release
+
+    record: dict = {}
+    for kind in ("global", "accum"):
+        record[kind], accelerator = _one_step_check(kind)
+        _release(accelerator)
+    _write(out, record["global"]["rank"], record)
+
+
+def _one_step_check(kind: str):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from facenet_hf.engine import TrainState, _train_step
+    from facenet_hf.losses import TripletLoss
+
+    grad_accum = 2 if kind == "accum" else 1
+    cfg = step_config(global_mining=kind == "global", grad_accum=grad_accum)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=grad_accum)
+    set_seed(0)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    model = step_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    allreduces: list[int] = []
+    if world > 1:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def counting_hook(process_group, bucket):
+            allreduces[-1] += 1
+            return allreduce_hook(process_group, bucket)
+
+        model.register_comm_hook(None, counting_hook)
+    loss_fn = TripletLoss(margin=cfg.loss.margin, mining=cfg.loss.mining, squared=cfg.loss.squared)
+    state = TrainState()
+    x, labels = step_data(world, grad_accum)
+    record: dict = {"world": world, "rank": rank, "micro": []}
+    for m in range(grad_accum):
+        batch = {
+            "pixel_values": x[m, rank],
+            "labels": labels[m, rank],
+            "valid": torch.ones(STEP_P * STEP_K, dtype=torch.bool),
+        }
+        allreduces.append(0)
+        stats = _train_step(batch, model, optimizer, loss_fn, accelerator, cfg, state, 10)
+        record["micro"].append(
+            {
+                "sync": bool(accelerator.sync_gradients),
+                "loss": float(stats["loss"]),
+                "allreduces": allreduces[-1],
+            }
+        )
+    record["after"] = [p.tolist() for p in model.parameters()]
+    if kind == "accum":
+        # a NaN on the last rank's last micro-batch only: every rank must skip (all-reduced), weights unchanged
+        before = param_hash(model)
+        for m in range(grad_accum):
+            xm = x[m, rank].clone()
+            if rank == world - 1 and m == grad_accum - 1:
+                xm[0, 0] = float("nan")
+            batch = {
+                "pixel_values": xm,
+                "labels": labels[m, rank],
+                "valid": torch.ones(len(xm), dtype=torch.bool),
+            }
+            _train_step(batch, model, optimizer, loss_fn, accelerator, cfg, state, 10)
+        record["nan_unchanged"] = param_hash(model) == before
+        record["skipped_nonfinite"] = state.skipped_nonfinite
+    return record, accelerator
+
+
+# ------------------------------------------------------------------------------------------------------- eval
+
+EVAL_BATCH = 7  # does not divide the number of images: the last batches are padded, then de-duplicated
+EVAL_FOLDS = [1, 2, 3, 4, 5]
+
+
+def eval_pairs():
+    from facenet_hf.data.lfw import read_pairs
+
+    return read_pairs(SAMPLE / "pairs.txt").select_folds(EVAL_FOLDS)
+
+
+def eval_model():
+    from facenet_hf.config import Config
+    from facenet_hf.engine import build_model
+
+    cfg = Config()
+    cfg.model.backbone = "test_resnet"
+    cfg.model.image_size = 32
+    cfg.model.embedding_dim = 32
+    torch.manual_seed(7)
+    model = build_model(cfg)
+    # non-trivial BatchNorm statistics, the same in every process
+    with torch.no_grad():
+        model.train()
+        model(torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3)))
+    return model.eval()
+
+
+def run_eval(out: Path) -> None:
+    from accelerate import Accelerator
+
+    from facenet_hf.evaluation.lfw_eval import evaluate_lfw
+
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(eval_model())
+    report, distances = evaluate_lfw(
+        model,
+        SAMPLE / "lfw-deepfunneled",
+        eval_pairs(),
+        flip="sum",
+        batch_size=EVAL_BATCH,
+        accelerator=accelerator,
+        progress=False,
+    )
+    _write(
+        out,
+        accelerator.process_index,
+        {
+            "world": accelerator.num_processes,
+            "accuracy_mean": report["accuracy_mean"],
+            "auc": report["auc"],
+            "threshold": report["threshold"],
+            "n_images": report["n_images"],
+            "distances": distances.tolist(),
+        },
+    )
+
+
+def main(argv: list[str]) -> int:
+    mode, out = argv[0], Path(argv[1])
+    if mode == "train":
+        run_train(out, argv[2:])
+    elif mode == "step":
+        run_step(out)
+    elif mode == "eval":
+        run_eval(out)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
