@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from facenet_hf.data.sources import arrow_column
+from facenet_hf.data.sources import arrow_column, keep_rows
 
 __all__ = [
     "LFWPairs",
@@ -233,16 +233,7 @@ def identity_disjoint_split(
         raise ValueError(
             f"holding out folds {eval_pairs.folds} leaves no training rows (all {len(ds)} rows are held out)"
         )
-    old = arrow_column(ds, "label").to_numpy()
-    _, dense = np.unique(old[keep], return_inverse=True)
-    new_label = np.full(len(ds), -1, dtype=np.int64)
-    new_label[keep] = dense
-    columns = ds.column_names
-    fingerprint = f"{getattr(ds, '_fingerprint', 'ds')}-holdout-{'-'.join(map(str, eval_pairs.folds))}"
-    relabelled = ds.remove_columns("label").add_column(
-        "label", new_label, feature=datasets.Value("int64"), new_fingerprint=fingerprint[:60] + "-l"
-    )
-    train = relabelled.select_columns(columns).select(keep)
+    train = keep_rows(ds, keep, tag=f"holdout-{'-'.join(map(str, eval_pairs.folds))}")
     check_disjoint(train, eval_pairs)
     return train, eval_pairs
 

@@ -29,7 +29,7 @@ from facenet_hf.data.images import (
     check_image,
     describe_source,
 )
-from facenet_hf.data.sources import arrow_column
+from facenet_hf.data.sources import arrow_column, keep_rows
 
 __all__ = [
     "PRESCAN_MODES",
@@ -135,7 +135,7 @@ def _name(obj: Any, row: int) -> str:
 def drop_rows(ds: datasets.Dataset, rows: Iterable[int]) -> datasets.Dataset:
     """``ds`` without ``rows``; ``label`` re-densified to ``0..C'-1`` if an identity lost all its images.
 
-    The same Arrow ``select`` + relabel as :func:`facenet_hf.data.lfw.identity_disjoint_split` (no image read).
+    Arrow ``select`` + relabel through :func:`facenet_hf.data.sources.keep_rows` (no image read).
     """
     drop = np.zeros(len(ds), dtype=bool)
     drop[np.fromiter(rows, dtype=np.int64)] = True
@@ -144,18 +144,7 @@ def drop_rows(ds: datasets.Dataset, rows: Iterable[int]) -> datasets.Dataset:
     keep = np.flatnonzero(~drop)
     if keep.size == 0:
         raise ValueError(f"dropping the bad rows leaves no training rows (all {len(ds)} are bad)")
-    old = arrow_column(ds, "label").to_numpy()
-    uniq, dense = np.unique(old[keep], return_inverse=True)
-    if uniq.size == np.unique(old).size:  # no identity vanished: labels stay as they are
-        return ds.select(keep)
-    new_label = np.full(len(ds), -1, dtype=np.int64)
-    new_label[keep] = dense
-    columns = ds.column_names
-    fingerprint = f"{getattr(ds, '_fingerprint', 'ds')}-prescan-{drop.sum()}"
-    relabelled = ds.remove_columns("label").add_column(
-        "label", new_label, feature=datasets.Value("int64"), new_fingerprint=fingerprint[:60] + "-l"
-    )
-    return relabelled.select_columns(columns).select(keep)
+    return keep_rows(ds, keep, tag=f"prescan-{int(drop.sum())}")
 
 
 def prescan_dataset(

@@ -432,3 +432,20 @@ def _check_one_to_one(
             f"data source {text!r}: columns {lab_col!r} and {name_col!r} do not name the same identities "
             f"one-to-one: ({lab_col}, {name_col}) combinations {seen}"
         )
+
+
+def keep_rows(ds: datasets.Dataset, keep: np.ndarray, *, tag: str) -> datasets.Dataset:
+    """Rows ``keep`` of ``ds`` (Arrow ``select``, no image read), ``label`` re-densified to ``0..C'-1`` when an
+    identity lost all its rows; ``tag`` names the operation in the new fingerprint."""
+    old = arrow_column(ds, "label").to_numpy()
+    uniq, dense = np.unique(old[keep], return_inverse=True)
+    if uniq.size == np.unique(old).size and uniq.size and uniq[-1] == uniq.size - 1:
+        return ds.select(keep)  # every identity survives and labels are already dense
+    new_label = np.full(len(ds), -1, dtype=np.int64)
+    new_label[keep] = dense
+    columns = ds.column_names
+    fingerprint = f"{getattr(ds, '_fingerprint', 'ds')}-{tag}"
+    relabelled = ds.remove_columns("label").add_column(
+        "label", new_label, feature=datasets.Value("int64"), new_fingerprint=fingerprint[:60] + "-l"
+    )
+    return relabelled.select_columns(columns).select(keep)
