@@ -79,6 +79,9 @@ def embed_files(
             emb = accelerator.gather_for_metrics(emb)
         out.append(emb.cpu())
     model.train(was_training)
+    if accelerator is not None and loader in getattr(accelerator, "_dataloaders", []):
+        # a one-off loader: keep it out of the accelerator's registry (and so out of save_state/load_state)
+        accelerator._dataloaders.remove(loader)
     if not out:
         return np.zeros((0, 0), dtype=np.float32)
     return torch.cat(out).numpy().astype(np.float32)
