@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
+from torchvision.transforms.v2 import functional as TF
 
 from facenet_hf.data.images import BadImageError
 from facenet_hf.data.transforms import (
@@ -55,6 +57,11 @@ STEP_CASES = {
     "random_crop": ["random_crop", {"random_crop": {"padding": 4, "size": 200, "padding_mode": "reflect"}}],
     "hflip": ["hflip", {"hflip": {"p": 1.0}}],
     "rotate": ["rotate", {"rotate": {"degrees": [-5, 5], "fill": [0, 128, 255]}}],
+    "face_affine": [
+        "face_affine",
+        {"face_affine": {"degrees": [-5, 20], "scale": [0.5, 1.0], "flip": 1.0, "fill": [0, 128, 255]}},
+        {"face_affine": {"size": 48, "interpolation": "bicubic", "fraction": 1.0}},
+    ],
     "color_jitter": ["color_jitter", {"color_jitter": {"hue": 0.05, "p": 0.5}}],
     "grayscale": [{"grayscale": {"p": 1.0}}],
     "auto_augment": [
@@ -203,7 +210,7 @@ def test_presets_are_serialisable_and_not_mutated() -> None:
         assert json.dumps(preset) == before
         assert json.loads(json.dumps(t.steps)) == t.steps
     names = [next(iter(s)) for s in DEFAULT_TRAIN_STEPS]
-    assert {"face_crop", "random_resized_crop", "hflip", "rotate", "color_jitter"} <= set(names)
+    assert names == ["face_affine", "color_jitter"]
     assert [next(iter(s)) for s in DEFAULT_EVAL_STEPS] == ["face_crop", "resize"]
 
 
@@ -463,3 +470,117 @@ def test_single_row_access() -> None:
     )
     row = ds[1]
     assert row["pixel_values"].shape == (3, S, S) and int(row["labels"]) == 1 and bool(row["valid"])
+
+
+def _affine(**params):
+    ctx = StepContext(S, tuple(MEAN), tuple(STD))
+    return STEPS["face_affine"](ctx, **params)
+
+
+def test_face_affine_without_randomness_is_the_face_crop() -> None:
+    img = _face(250, 250)
+    still = {"degrees": 0, "scale": [1.0, 1.0], "ratio": [1.0, 1.0], "interpolation": "nearest"}
+    crop = np.asarray(img)[50:200, 50:200]
+    assert np.array_equal(np.asarray(_affine(size=150, flip=0.0, **still)(img)), crop)
+    assert np.array_equal(np.asarray(_affine(size=150, flip=1.0, **still)(img)), crop[:, ::-1])
+    # a non-square image: the square is centred on the short side
+    wide = _face(200, 100)
+    assert np.array_equal(
+        np.asarray(_affine(size=60, flip=0.0, **still)(wide)), np.asarray(wide)[20:80, 70:130]
+    )
+
+
+def test_face_affine_rotates_about_the_window_centre() -> None:
+    img = _face(64, 64)
+    quarter = _affine(
+        size=64, fraction=1.0, degrees=[90, 90], scale=[1, 1], ratio=[1, 1], flip=0.0, interpolation="nearest"
+    )(img)
+    turned = np.asarray(quarter)
+    # source = R(90) @ output: output pixel (x, y) reads source (-y, x) about the centre, i.e. numpy rot90 k=1
+    assert np.array_equal(turned, np.rot90(np.asarray(img), k=1)) or np.array_equal(
+        turned, np.rot90(np.asarray(img), k=-1)
+    )
+    assert not np.array_equal(turned, np.asarray(img))
+
+
+def test_face_affine_defaults_never_show_the_fill_on_lfw_sized_images() -> None:
+    white = Image.new("RGB", (250, 250), (255, 255, 255))
+    t = _affine(degrees=10, fill=0)
+    torch.manual_seed(0)
+    for _ in range(200):
+        assert np.asarray(t(white)).min() == 255
+    # extreme parameters do reach outside the image: the fill shows
+    wild = _affine(fraction=1.0, degrees=[45, 45], scale=[1, 1], fill=0)
+    assert np.asarray(wild(white)).min() == 0
+
+
+def test_face_affine_window_statistics() -> None:
+    t = _affine(degrees=10, scale=[0.8, 1.0], ratio=[0.9, 1.1], flip=0.5)
+    rng = np.random.default_rng(0)
+    sides, flips, angles = [], [], []
+    for _ in range(2000):
+        a, b, c, d, e, f = t.coefficients(250, 250, rng.random(6).tolist())
+        sx, sy = np.hypot(a, d) * S, np.hypot(b, e) * S  # window width and height in source pixels
+        sides.append(sx * sy)
+        flips.append(a * e - b * d < 0)
+        angles.append(np.degrees(np.arctan2(-b, e)))
+        # the window centre stays inside the 150 px face square, and the window inside the square
+        cx, cy = a * S / 2 + b * S / 2 + c, d * S / 2 + e * S / 2 + f
+        assert abs(cx - 125) <= (150 - sx) / 2 + 1e-6 and abs(cy - 125) <= (150 - sy) / 2 + 1e-6
+    area = np.array(sides) / 150**2
+    assert area.min() >= 0.8 * 0.999 and area.max() <= 1.0 + 1e-9 and 0.87 < area.mean() < 0.93
+    assert 0.45 < np.mean(flips) < 0.55
+    assert -10 - 1e-9 <= min(angles) < -9 and 9 < max(angles) <= 10 + 1e-9
+
+
+def test_face_affine_tensor_input_matches_pil() -> None:
+    img = _face(100, 100)
+    t = _affine()
+    torch.manual_seed(5)
+    a = np.asarray(t(img))
+    torch.manual_seed(5)
+    b = t(torch.from_numpy(np.array(img)).permute(2, 0, 1))
+    assert b.dtype == torch.uint8 and np.array_equal(b.permute(1, 2, 0).numpy(), a)
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({"degrees": 200}, "degrees must be in"),
+        ({"scale": [0.0, 1.0]}, "scale must be within (0, 1]"),
+        ({"ratio": [0, 1]}, "ratio must be positive"),
+        ({"flip": 2}, "flip must be in"),
+        ({"fraction": 0}, "fraction must be in (0, 1]"),
+        ({"interpolation": "lanczos"}, "interpolation must be one of"),
+    ],
+)
+def test_face_affine_bad_parameters(params, expected) -> None:
+    with pytest.raises(ValueError, match=re.escape(expected)) as info:
+        _build([{"face_affine": params}])
+    assert "'face_affine'" in str(info.value)
+
+
+@pytest.mark.parametrize("op", [0, 1, 2])
+def test_color_jitter_matches_torchvision_formulas(op) -> None:
+    from facenet_hf.data.transforms import _ColorJitter
+
+    factors = [0.0, 0.0, 0.0]
+    factors[op] = 0.6
+    jitter = _ColorJitter(*factors)
+    x = np.asarray(_face(112, 112, seed=op))
+    torch.manual_seed(11)
+    got = np.asarray(jitter(Image.fromarray(x))).astype(int)
+    torch.manual_seed(11)
+    torch.randperm(3)
+    lo, hi = jitter.ranges[op]
+    f = lo + (hi - lo) * torch.rand(3).tolist()[op]
+    ref_fn = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation][op]
+    ref = ref_fn(torch.from_numpy(x.copy()).permute(2, 0, 1), f).permute(1, 2, 0).numpy().astype(int)
+    assert np.abs(got - ref).max() <= 1
+    assert not np.array_equal(got, x)
+
+
+def test_color_jitter_with_hue_uses_torchvision() -> None:
+    t = _build([{"color_jitter": {"hue": 0.1}}])
+    assert type(t.image_ops[0]).__name__ == "ColorJitter"
+    assert type(_build(["color_jitter"]).image_ops[0]).__name__ == "_ColorJitter"
