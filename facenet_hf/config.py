@@ -46,7 +46,8 @@ class DataConfig:
     name_column: str | None = None
     p: int = 16  # identities per batch
     k: int = 4  # images per identity
-    min_images: int = 2  # identities with fewer images are never sampled
+    min_images: int = 2  # identities with fewer images are never sampled (1: single-image people too, their
+    # K "images" being augmented copies of one photo: negatives for everyone, augmentation-only positives)
     replacement: bool = True  # identities with < k images are sampled with replacement (else dropped)
     num_workers: int = 2
     train_transforms: list = field(default_factory=lambda: list(DEFAULT_TRAIN_STEPS))
@@ -89,6 +90,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # 0 = only at epoch ends
     keep_checkpoints: int = 2
     nonfinite_loss: Literal["skip", "error"] = "skip"  # what a NaN/Inf loss does
+    ema_decay: float = 0.0  # weight EMA (e.g. 0.998) evaluated and saved instead of the live weights; 0 = off
 
 
 @dataclass
@@ -108,7 +110,7 @@ _RANGES: dict[str, tuple[str, Any]] = {
     "model.image_size": (">=", 16),
     "data.p": (">=", 2),
     "data.k": (">=", 2),
-    "data.min_images": (">=", 2),
+    "data.min_images": (">=", 1),
     "data.num_workers": (">=", 0),
     "loss.margin": (">", 0),
     "train.lr": (">", 0),
@@ -261,6 +263,10 @@ def validate(cfg: Config) -> Config:
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise ConfigError(
             f"data.max_bad_fraction: {cfg.data.max_bad_fraction!r} is out of range; it must be in [0, 1]"
+        )
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise ConfigError(
+            f"train.ema_decay: {cfg.train.ema_decay!r} is out of range; it must be in [0, 1) (0 = no EMA)"
         )
     if cfg.data.pairs and not cfg.data.lfw_dir:
         raise ConfigError(

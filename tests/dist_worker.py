@@ -50,6 +50,7 @@ def run_train(out: Path, argv: list[str]) -> None:
     from conftest import load_recipe
 
     import facenet_hf.engine as engine
+    from facenet_hf.model import FaceNet
 
     calls: list[dict] = []
     writes: list[str] = []
@@ -90,7 +91,7 @@ def run_train(out: Path, argv: list[str]) -> None:
     engine.write_report = spy("write_report", engine.write_report)
     engine.save_config = spy("save_config", engine.save_config)
     engine.checkpoint.finalize = spy("finalize", engine.checkpoint.finalize)
-    engine.FaceNet.save_pretrained = spy("save_pretrained", engine.FaceNet.save_pretrained)
+    FaceNet.save_pretrained = spy("save_pretrained", FaceNet.save_pretrained)
 
     rc = load_recipe("train_r18_lfw").main(argv)
     state = PartialState()
@@ -152,8 +153,9 @@ def _one_step_check(kind: str):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from facenet_hf.engine import TrainState, _train_step
     from facenet_hf.losses import TripletLoss
+    from facenet_hf.step import train_step as _train_step
+    from facenet_hf.train_state import TrainState
 
     grad_accum = 2 if kind == "accum" else 1
     cfg = step_config(global_mining=kind == "global", grad_accum=grad_accum)

@@ -16,8 +16,10 @@ from safetensors.torch import load_file
 
 import facenet_hf.engine as engine
 from facenet_hf.config import Config
-from facenet_hf.engine import NonFiniteLossError, TrainState, _release, _train_step
+from facenet_hf.engine import _release
 from facenet_hf.losses import TripletLoss, pairwise_distances
+from facenet_hf.step import NonFiniteLossError, train_step
+from facenet_hf.train_state import TrainState
 
 B, D = 8, 16
 
@@ -80,7 +82,7 @@ def test_engine_step_under_bf16_runs_the_model_in_bf16_and_the_loss_in_fp32():
         model = Probe(D, 8)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         model, optimizer = accelerator.prepare(model, optimizer)
-        stats = _train_step(
+        stats = train_step(
             _batch(), model, optimizer, Recording(), accelerator, _cfg(lr=0.1), TrainState(), 10
         )
     finally:
@@ -109,7 +111,7 @@ def test_clipping_sees_unscaled_gradients_with_a_grad_scaler():
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         model, optimizer = accelerator.prepare(model, optimizer)
         cfg = _cfg(lr=1.0, grad_clip=clip, optimizer="sgd")
-        _train_step(_batch(), model, optimizer, TripletLoss(), accelerator, cfg, TrainState(), 10)
+        train_step(_batch(), model, optimizer, TripletLoss(), accelerator, cfg, TrainState(), 10)
         after = [p.detach() for p in model.parameters()]
         assert accelerator.scaler.get_scale() == scale and not optimizer.step_was_skipped
     finally:

@@ -230,7 +230,8 @@ def test_resume_positions_with_accelerates_one_process_loader():
 def test_resume_with_another_number_of_processes_keeps_the_sampler_position(
     saved_by, consumed, resumed_on, expected
 ):
-    from facenet_hf.engine import TrainState, _remap_position
+    from facenet_hf.train_state import TrainState
+    from facenet_hf.train_state import remap_position as _remap_position
 
     state = TrainState(batches_in_epoch=consumed, num_processes=saved_by)
     assert _remap_position(state, resumed_on) == expected

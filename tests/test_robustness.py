@@ -28,6 +28,7 @@ from conftest import ROOT, load_recipe, tiny_train_args
 from PIL import Image
 
 from facenet_hf import FaceNet, checkpoint
+from facenet_hf.build import _check_image_size, build_data, build_model
 from facenet_hf.checkpoint import CheckpointError
 from facenet_hf.cli import main as cli_main
 from facenet_hf.config import ConfigError, load_config
@@ -43,7 +44,6 @@ from facenet_hf.data.prescan import (
 from facenet_hf.data.sampler import PKBatchSampler
 from facenet_hf.data.sources import SourceError, labels_of, load_source
 from facenet_hf.data.transforms import BatchTransform
-from facenet_hf.engine import _check_image_size, build_data, build_model
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 # Training people of the bundled sample that appear in no pair (4-5 real LFW images each).

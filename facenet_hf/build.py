@@ -1,0 +1,157 @@
+"""Building a run's parts from its config: the model (with a check that the backbone takes the image size) and
+the data (identity-disjoint from the evaluation pairs; every data error surfaces here, before training)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from facenet_hf.config import Config, ConfigError
+from facenet_hf.data.images import BadImageError
+from facenet_hf.data.lfw import (
+    LFWPairs,
+    check_disjoint,
+    identity_disjoint_split,
+    missing_pair_images,
+    read_pairs,
+)
+from facenet_hf.data.prescan import prescan_dataset, scan_files
+from facenet_hf.data.sources import load_source
+from facenet_hf.model import FaceNet
+
+__all__ = ["FIXED_MEAN", "FIXED_STD", "build_data", "build_model"]
+
+logger = logging.getLogger(__name__)
+
+FIXED_MEAN = (0.5, 0.5, 0.5)  # FaceNet's (x - 127.5) / 128 on [0, 255] pixels == (x - 0.5) / (128 / 255)
+FIXED_STD = (128 / 255, 128 / 255, 128 / 255)
+
+
+def build_model(cfg: Config) -> FaceNet:
+    """The one place a FaceNet is built from a config."""
+    m = cfg.model
+    mean, std = (FIXED_MEAN, FIXED_STD) if m.normalization == "fixed" else (None, None)
+    model = FaceNet(
+        backbone=m.backbone,
+        embedding_dim=m.embedding_dim,
+        head_bn=m.head_bn,
+        dropout=m.dropout,
+        image_size=m.image_size,
+        mean=mean,
+        std=std,
+        eval_transforms=list(cfg.data.eval_transforms),
+        distance="squared_euclidean" if cfg.loss.squared else "euclidean",
+    )
+    if m.pretrained_weights:
+        model.load_backbone_weights(m.pretrained_weights)
+    _check_image_size(model, cfg)
+    return model
+
+
+def _check_image_size(model: FaceNet, cfg: Config) -> None:
+    """Refuse a ``model.image_size`` the backbone cannot take (e.g. a ViT built for 224 px), before training."""
+    size, name = cfg.model.image_size, cfg.model.backbone
+    patch = getattr(model.backbone, "patch_embed", None)
+    fixed = getattr(patch, "img_size", None)
+    if fixed is not None and getattr(patch, "strict_img_size", False) and tuple(fixed) != (size, size):
+        raise ConfigError(
+            f"model.image_size={size} does not fit backbone {name!r}: it takes only {fixed[0]}x{fixed[1]} images; "
+            f"set model.image_size={fixed[0]}, or use a backbone that takes any size (a CNN such as resnet18)"
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        error = _forward_error(model, size)
+        if error is None:
+            return
+        default = (getattr(model.backbone, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1]
+        if default != size and _forward_error(model, default) is None:
+            raise ConfigError(
+                f"model.image_size={size} does not fit backbone {name!r}: it fails on {size}x{size} images "
+                f"({error}) but works at {default}x{default}; set model.image_size={default}"
+            )
+        raise ValueError(
+            f"backbone {name!r} does not work as a FaceNet backbone: a forward pass fails ({error})"
+        )
+    finally:
+        model.train(was_training)
+
+
+def _forward_error(model: FaceNet, size: int) -> str | None:
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def build_data(cfg: Config, *, bad_images: list | None = None, progress: bool = False):
+    """Training dataset (identity-disjoint from the evaluation pairs) and the evaluation pairs (or None).
+
+    Every data error surfaces here, before training: the source, the pairs file, missing or unusable pair
+    images, and (``data.prescan``) unusable training images: the first one with ``data.bad_images=error``, more
+    than ``data.max_bad_fraction`` of them with ``skip``; else they are dropped and their ``[path, reason]``
+    appended to ``bad_images``.
+    """
+    d = cfg.data
+    source = d.train_source or d.lfw_dir
+    ds = load_source(
+        source, image_column=d.image_column, label_column=d.label_column, name_column=d.name_column
+    )
+    pairs: LFWPairs | None = read_pairs(d.pairs) if d.pairs else None
+    if pairs is not None and d.holdout_folds:
+        ds, pairs = identity_disjoint_split(ds, pairs, d.holdout_folds)
+    elif pairs is not None:
+        check_disjoint(set(ds.unique("identity")), pairs)
+    if pairs is not None:
+        _check_pair_images(cfg, pairs)
+    total = len(ds)
+    ds, bad = prescan_dataset(
+        ds,
+        mode=d.prescan,
+        policy=d.bad_images,
+        max_bad_fraction=d.max_bad_fraction,
+        num_workers=d.num_workers,
+        progress=progress,
+    )
+    if bad:
+        logger.warning(
+            "pre-scan: %d of %d training images are unusable and left out (see bad_images.tsv), e.g. %s: %s",
+            len(bad),
+            total,
+            bad[0][1],
+            bad[0][2],
+        )
+        if bad_images is not None:
+            bad_images.extend([path, reason] for _, path, reason in bad)
+    return ds, pairs
+
+
+def _check_pair_images(cfg: Config, pairs: LFWPairs) -> None:
+    """Every pair image must exist (and, with ``data.prescan``, be usable): the protocol needs every pair."""
+    root = Path(cfg.data.lfw_dir)
+    missing = missing_pair_images(root, pairs)
+    if missing:
+        shown = ", ".join(missing[:20]) + (", ..." if len(missing) > 20 else "")
+        raise FileNotFoundError(
+            f"{len(missing)} images named by the evaluation pairs ({cfg.data.pairs}) are missing under {root}: "
+            f"{shown}; data.lfw_dir must hold Name/Name_NNNN.jpg for every pair image"
+        )
+    if cfg.data.prescan == "off":
+        return
+    p1, p2 = pairs.paths()
+    bad = scan_files(
+        [root / p for p in sorted(set(p1) | set(p2))],
+        decode=cfg.data.prescan == "decode",
+        num_workers=cfg.data.num_workers,
+    )
+    if bad:
+        others = "; ".join(f"{path}: {reason}" for _, path, reason in bad[1:6])
+        raise BadImageError(
+            bad[0][1],
+            f"{bad[0][2]} [an evaluation pair image: the verification protocol needs every pair; "
+            f"{len(bad)} pair image(s) are unusable{': ' + others if others else ''}]",
+        )

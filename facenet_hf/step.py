@@ -1,0 +1,109 @@
+"""One optimizer step (forward, mining, backward, clipping, the learning-rate schedule, the non-finite-loss
+policy) and the per-step decisions that every process must take together."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from facenet_hf.config import Config
+from facenet_hf.optim import lr_factor, set_lr
+from facenet_hf.train_state import TrainState
+
+__all__ = ["NonFiniteLossError", "should_stop", "train_step"]
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A NaN/Inf loss with ``train.nonfinite_loss=error``."""
+
+
+def train_step(
+    batch, model, optimizer, loss_fn, accelerator, cfg, state, total_steps
+) -> dict[str, torch.Tensor]:
+    """One micro-batch: forward, mining + loss, backward; on the micro-step that syncs, the LR for
+    ``state.step``, clipping and ``optimizer.step()``. A non-finite loss is skipped on every process (weights and
+    BatchNorm statistics unchanged) or raises :class:`NonFiniteLossError`. Returns the detached loss stats."""
+    t = cfg.train
+    x = batch["pixel_values"]
+    if t.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    labels, valid = batch["labels"], batch["valid"]
+    for path, reason in batch.get("bad", []):
+        state.bad_images.append([path, reason])
+    # BatchNorm running statistics change in the forward: keep a copy to undo a skipped (non-finite) batch
+    buffers = [b for b in model.buffers() if b.is_floating_point()] if t.nonfinite_loss == "skip" else []
+    saved_buffers = [b.detach().clone() for b in buffers]
+    with accelerator.accumulate(model):
+        emb = model(x)
+        if cfg.loss.global_mining and accelerator.num_processes > 1:
+            emb, labels, valid = _gather_with_local_grad(accelerator, emb, labels, valid)
+        loss, stats = loss_fn(emb[valid], labels[valid])
+        stats["loss"] = loss.detach()  # logged as computed (before the scaling below)
+        if cfg.loss.global_mining and accelerator.num_processes > 1:
+            loss = loss * accelerator.num_processes  # DDP averages: this makes the sum the global gradient
+        if not _all_finite(accelerator, loss):
+            if t.nonfinite_loss == "error":
+                raise NonFiniteLossError(
+                    f"non-finite loss ({loss.item()}) at step {state.step}; lower train.lr, set train.grad_clip, "
+                    "or use train.nonfinite_loss=skip"
+                )
+            state.skipped_nonfinite += 1  # every process skips the same backward: the weights stay clean
+            logger.warning(
+                "step %d: non-finite loss, step skipped (%d so far)", state.step, state.skipped_nonfinite
+            )
+            with torch.no_grad():
+                for b, old in zip(buffers, saved_buffers, strict=True):
+                    b.copy_(old)
+            optimizer.zero_grad(set_to_none=True)  # a no-op on a micro-step that does not sync
+            return stats
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            progress = _progress(state, cfg, total_steps)
+            set_lr(optimizer, t.lr * lr_factor(state.step, t, progress))
+            if t.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)  # unscales fp16 grads first
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    state.images += x.shape[0] * accelerator.num_processes
+    return stats
+
+
+def _all_finite(accelerator, loss: torch.Tensor) -> bool:
+    finite = torch.isfinite(loss.detach()).float().reshape(1)
+    if accelerator.num_processes > 1:
+        finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
+    return bool(finite.item() == 1.0)
+
+
+def _gather_with_local_grad(accelerator, emb, labels, valid):
+    """All processes' embeddings (others' without gradient, ours with it), labels and masks."""
+    all_emb = accelerator.gather(emb.detach())
+    b, r = emb.shape[0], accelerator.process_index
+    all_emb = torch.cat([all_emb[: r * b], emb, all_emb[(r + 1) * b :]])
+    return all_emb, accelerator.gather(labels), accelerator.gather(valid)
+
+
+def _progress(state: TrainState, cfg: Config, total_steps: int) -> float:
+    t = cfg.train
+    span = max(1, total_steps - t.warmup_steps)
+    p = (state.step - t.warmup_steps) / span
+    if t.time_budget_minutes:
+        p = max(p, state.elapsed / (60 * t.time_budget_minutes))
+    return p
+
+
+def should_stop(accelerator, state: TrainState, cfg: Config) -> bool:
+    """Time budget reached (decided by the main process, so every process stops at the same step)."""
+    if not cfg.train.time_budget_minutes:
+        return False
+    flag = torch.tensor(
+        [float(state.elapsed >= 60 * cfg.train.time_budget_minutes)], device=accelerator.device
+    )
+    return (
+        bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        if accelerator.num_processes > 1
+        else bool(flag)
+    )
