@@ -5,8 +5,8 @@ fold k's pairs; report mean accuracy +- standard error over the folds (10 traini
         --data.lfw_dir /data/lfw/lfw-deepfunneled --data.pairs /data/lfw/pairs.txt [--folds 1 2 3]
 
 Each fold's run is written to ``<output_dir>/fold_<k>``; the summary to ``<output_dir>/protocol.json`` and
-``protocol.md``. Runs already finished (``fold_<k>/eval/lfw_report.json`` present) are reused, so an interrupted
-protocol continues where it stopped.
+``protocol.md``, the per-fold bars to ``protocol.png``. Runs already finished (``fold_<k>/eval/lfw_report.json``
+present) are reused, so an interrupted protocol continues where it stopped.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"--folds: {bad} are not LFW folds (1-10)")
     from facenet_hf.engine import train
+    from facenet_hf.evaluation.plots import plot_fold_accuracies
 
     setup_logging()
     root = Path(cfg.output_dir)
@@ -77,6 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{summary['protocol']}\n\n| fold | accuracy (%) | AUC |\n|---|---|---|\n{rows}\n\n"
         f"mean accuracy {100 * summary['accuracy_mean']:.2f} +- {100 * summary['accuracy_stderr']:.2f} "
         f"(standard error over {len(summary['folds'])} folds)\n"
+    )
+    plot_fold_accuracies(
+        summary["folds"],
+        summary["fold_accuracy"],
+        root / "protocol.png",
+        stds=[reports[k]["accuracy_std"] for k in summary["folds"]],
+        title=f"LFW {len(summary['folds'])}-fold protocol, no outside data ({cfg.model.backbone}, "
+        f"{cfg.model.image_size} px)",
     )
     print(
         f"LFW {len(summary['folds'])}-fold: accuracy {100 * summary['accuracy_mean']:.2f} "

@@ -27,6 +27,8 @@ def test_two_folds_each_trained_without_its_people(lfw_sample, tmp_path):
     assert recipe.main([*args, "--train.max_steps=2", "--folds", "3", "7"]) == 0
     summary = json.loads((tmp_path / "protocol.json").read_text())
     assert summary["folds"] == [3, 7] and len(summary["fold_accuracy"]) == 2
+    png = (tmp_path / "protocol.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     pairs = read_pairs(lfw_sample / "pairs.txt")
     for k in (3, 7):
         report = json.loads((tmp_path / f"fold_{k}" / "eval" / "lfw_report.json").read_text())

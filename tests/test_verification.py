@@ -302,3 +302,12 @@ def test_learning_curve_plot(tmp_path):
     empty.write_text(json.dumps(rows[0]))
     with pytest.raises(ValueError, match="no evaluation"):
         plot_learning_curve({"run": empty}, tmp_path / "x.png")
+
+
+def test_fold_accuracy_bars(tmp_path):
+    from facenet_hf.evaluation.plots import plot_fold_accuracies
+
+    out = plot_fold_accuracies(range(1, 11), np.linspace(0.8, 0.9, 10), tmp_path / "f.png", stds=[0.03] * 10)
+    assert out.read_bytes()[:4] == b"\x89PNG" and out.stat().st_size > 10_000
+    with pytest.raises(ValueError, match="one accuracy per fold"):
+        plot_fold_accuracies([1, 2], [0.9], tmp_path / "g.png")

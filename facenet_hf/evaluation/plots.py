@@ -15,7 +15,13 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_distance_histogram", "plot_learning_curve", "plot_roc", "read_eval_curve"]
+__all__ = [
+    "plot_distance_histogram",
+    "plot_fold_accuracies",
+    "plot_learning_curve",
+    "plot_roc",
+    "read_eval_curve",
+]
 
 DPI = 150
 FAR_MIN = 1e-4
@@ -214,5 +220,40 @@ def plot_learning_curve(
     ax.set_ylabel("held-out verification accuracy (%)")
     ax.set_title(title or "Learning curve")
     ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def plot_fold_accuracies(
+    folds: Sequence[int],
+    accuracies: Sequence[float],
+    path: str | os.PathLike,
+    *,
+    stds: Sequence[float] | None = None,
+    title: str | None = None,
+) -> Path:
+    """One bar per LFW fold (accuracy in [0, 1], optional within-fold std as error bars), with the mean and its
+    standard error over the folds as a band."""
+    acc = 100 * np.asarray(accuracies, dtype=np.float64)
+    if acc.size == 0 or acc.size != len(folds):
+        raise ValueError(f"need one accuracy per fold, got {acc.size} for {len(folds)} folds")
+    mean = float(acc.mean())
+    stderr = float(acc.std(ddof=1) / np.sqrt(acc.size)) if acc.size > 1 else 0.0
+    fig = _new_figure((6.4, 3.8))
+    ax = fig.add_subplot()
+    x = np.arange(acc.size)
+    err = None if stds is None else 100 * np.asarray(stds, dtype=np.float64)
+    ax.bar(
+        x, acc, yerr=err, color=_SAME_COLOR, alpha=0.8, capsize=3, label="fold accuracy (+- std within fold)"
+    )
+    ax.axhline(mean, color=_DIFF_COLOR, label=f"mean {mean:.2f} +- {stderr:.2f}% (s.e.)")
+    ax.axhspan(mean - stderr, mean + stderr, color=_DIFF_COLOR, alpha=0.15)
+    ax.set_xticks(x, [str(k) for k in folds])
+    ax.set_xlabel("LFW fold (scored by a model that never saw its people)")
+    ax.set_ylabel("verification accuracy (%)")
+    low = float(np.min(acc - (err if err is not None else 0)))
+    ax.set_ylim(max(0.0, 5 * np.floor((low - 5) / 5)), 100)
+    ax.set_title(title or "LFW 10-fold protocol")
+    ax.grid(True, axis="y", alpha=0.3)
     ax.legend(loc="lower right")
     return _save(fig, path)
