@@ -97,6 +97,7 @@ def test_training_saves_the_average_and_resume_continues_it(tmp_path) -> None:
         "--train.checkpoint_every_steps=3",
         "--train.keep_checkpoints=5",
         "--train.ema_decay=0.9",
+        "--train.mixed_precision=bf16",  # accelerate's patched forward, as in the presets
     )
     assert recipe.main(tiny_train_args(SAMPLE, ref, *extra)) == 0
     saved = _weights_of(ref)
@@ -119,3 +120,28 @@ def test_training_saves_the_average_and_resume_continues_it(tmp_path) -> None:
     resumed = _weights_of(run)
     for name, value in saved.items():
         torch.testing.assert_close(resumed[name], value, rtol=1e-6, atol=1e-6)
+
+
+def test_average_of_an_accelerate_prepared_bf16_model_runs_its_own_weights() -> None:
+    """accelerate patches ``forward`` (autocast) on the prepared model: the copy must call its own weights."""
+    from accelerate import Accelerator
+
+    from facenet_hf.engine import _release
+
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    try:
+        net = accelerator.prepare(_net())
+        ema = ModelEMA(accelerator.unwrap_model(net), decay=0.9)
+        with torch.no_grad():
+            net[0].weight.mul_(-3.0)  # the live model moves away; the average has not been updated
+        x = torch.randn(5, 4)
+        net.eval()
+        live, averaged = net(x), ema.module(x)
+        assert averaged.dtype == torch.float32  # accelerate's fp32 output wrapper came along
+        reference = _net().eval()  # the initial weights = the average before any update
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = reference(x).float()
+        torch.testing.assert_close(averaged, expected)
+        assert not torch.allclose(live, averaged, atol=1e-2)
+    finally:
+        _release(accelerator)
