@@ -584,3 +584,20 @@ def test_color_jitter_with_hue_uses_torchvision() -> None:
     t = _build([{"color_jitter": {"hue": 0.1}}])
     assert type(t.image_ops[0]).__name__ == "ColorJitter"
     assert type(_build(["color_jitter"]).image_ops[0]).__name__ == "_ColorJitter"
+
+
+def test_collate_reuses_the_stacked_batch_instead_of_copying_it() -> None:
+    t = _build(DEFAULT_EVAL_STEPS)
+    batch = BatchTransform(t)(_batch(4))
+    rows = [{k: v[i] for k, v in batch.items()} for i in range(4)]  # what Dataset.__getitems__ does
+    out = collate_batch(rows)
+    assert out["pixel_values"] is batch["pixel_values"]  # no copy
+    assert torch.equal(out["labels"], batch["labels"])
+    # rows that are not, in order, the whole of one tensor are stacked as usual
+    shuffled = collate_batch([rows[1], rows[0], rows[2], rows[3]])
+    assert torch.equal(shuffled["pixel_values"][0], batch["pixel_values"][1])
+    assert shuffled["pixel_values"] is not batch["pixel_values"]
+    partial = collate_batch(rows[:3])
+    assert torch.equal(partial["pixel_values"], batch["pixel_values"][:3])
+    loose = collate_batch([{"pixel_values": torch.ones(3, 2, 2)}, {"pixel_values": torch.zeros(3, 2, 2)}])
+    assert loose["pixel_values"].shape == (2, 3, 2, 2)

@@ -994,6 +994,22 @@ def _identify(obj: Any) -> str:
     return str(id(obj))
 
 
+def _restack(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(rows)``, without the copy when the rows are, in order, all the rows of one tensor (what
+    ``Dataset.__getitems__`` makes of a batch transform's stacked output: ``[t[0], t[1], ...]``)."""
+    base = rows[0]._base
+    if (
+        base is not None
+        and base.dim() == rows[0].dim() + 1
+        and base.shape[0] == len(rows)
+        and base.is_contiguous()
+        and all(r._base is base for r in rows)
+        and all(r.data_ptr() == base[i].data_ptr() for i, r in enumerate(rows))
+    ):
+        return base
+    return torch.stack(list(rows))
+
+
 def collate_batch(items: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> dict[str, Any]:
     """DataLoader ``collate_fn`` for ``ds.with_transform(BatchTransform(...))``.
 
@@ -1014,7 +1030,7 @@ def collate_batch(items: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> dic
         if key == "bad":
             out[key] = [tuple(v) for v in values if v is not None]
         elif isinstance(values[0], torch.Tensor):
-            out[key] = torch.stack(values)
+            out[key] = _restack(values)
         else:
             out[key] = values
     out.setdefault("bad", [])
