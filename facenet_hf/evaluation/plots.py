@@ -255,5 +255,5 @@ def plot_fold_accuracies(
     ax.set_ylim(max(0.0, 5 * np.floor((low - 5) / 5)), 100)
     ax.set_title(title or "LFW 10-fold protocol")
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper right")
     return _save(fig, path)
