@@ -222,6 +222,17 @@ def _fill(key: str, value: Any) -> int | list[int]:
     return int(_number(key, value, lo=0, hi=255))
 
 
+def _scale_ratio(scale: Any, ratio: Any) -> tuple[tuple[float, float], tuple[float, float]]:
+    """A random crop's area range within (0, 1] and aspect range > 0."""
+    sc = _pair("scale", scale, lo=0.0, hi=1.0)
+    if sc[0] <= 0.0:
+        raise _ParamError(f"scale must be within (0, 1], got {list(scale)!r}")
+    rt = _pair("ratio", ratio, lo=0.0)
+    if rt[0] <= 0.0:
+        raise _ParamError(f"ratio must be positive, got {list(ratio)!r}")
+    return sc, rt
+
+
 def _interp(key: str, value: Any) -> v2.InterpolationMode:
     return _INTERPOLATIONS[_choice(key, value, tuple(_INTERPOLATIONS))]
 
@@ -485,12 +496,7 @@ def _random_resized_crop(
     ratio: Any = (0.9, 1.1),
     interpolation: Any = "bilinear",
 ) -> Callable[[Any], Any]:
-    sc = _pair("scale", scale, lo=0.0, hi=1.0)
-    if sc[0] <= 0.0:
-        raise _ParamError(f"scale must be within (0, 1], got {list(scale)!r}")
-    rt = _pair("ratio", ratio, lo=0.0)
-    if rt[0] <= 0.0:
-        raise _ParamError(f"ratio must be positive, got {list(ratio)!r}")
+    sc, rt = _scale_ratio(scale, ratio)
     return v2.RandomResizedCrop(
         _size("size", ctx.image_size if size is None else size),
         scale=sc,
@@ -551,12 +557,7 @@ def _face_affine(
     else:
         d = _number("degrees", degrees, lo=0.0, hi=180.0)
         deg = (-d, d)
-    sc = _pair("scale", scale, lo=0.0, hi=1.0)
-    if sc[0] <= 0.0:
-        raise _ParamError(f"scale must be within (0, 1], got {list(scale)!r}")
-    rt = _pair("ratio", ratio, lo=0.0)
-    if rt[0] <= 0.0:
-        raise _ParamError(f"ratio must be positive, got {list(ratio)!r}")
+    sc, rt = _scale_ratio(scale, ratio)
     resample = {
         "nearest": Image.Resampling.NEAREST,
         "bilinear": Image.Resampling.BILINEAR,
