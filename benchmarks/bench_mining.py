@@ -9,17 +9,25 @@ Rows, per batch size B (P x K batches, unit-norm random embeddings of size --dim
   when the package is installed (``pip install pytorch-metric-learning``; a benchmark-only dependency).
 
 Time: median of --repeats runs after one warm-up run, wall clock (``torch.cuda.synchronize`` on CUDA); the
-methods are timed in interleaved rounds so that load from other processes affects them alike. The JSON output
-keeps every run.
+methods are timed in interleaved rounds so that load from other processes affects them alike. On CPU the timing
+runs with glibc told to keep the memory it frees (``M_MMAP_THRESHOLD`` 1 GiB, ``M_TRIM_THRESHOLD`` 2 GiB): by
+default every step would map fresh B x B buffers and pay a page fault per 4 KiB (7,000-40,000 per step at
+B = 1800, more than half of some rows' time, and varying with the heap's history); kept memory is what CUDA's
+caching allocator gives on a GPU and what tcmalloc/jemalloc give on CPU. The JSON output keeps every run.
+The row ``dist_fwd`` (the distance matrix forward only, no autograd) is the part no miner can avoid; the miners
+here backpropagate through the selected pairs only (semihard on CPU, batch_hard) or through the whole matrix
+(batch_all, semihard's fixed-shape accelerator variant), so they are measured against both.
 
-Peak memory on CPU: the growth of the process's resident set during one forward+backward, measured by resetting
-the kernel's high-water mark (``/proc/self/clear_refs``) and reading ``VmHWM`` - ``VmRSS`` from
-``/proc/self/status`` (Linux only). glibc is told to serve every block >= 128 KiB with mmap and the heap is trimmed
-first, so freed memory goes back to the OS and cannot hide an allocation; this counts everything the process
-touches (torch, NumPy, Python), not only tensors. On CUDA: ``torch.cuda.max_memory_allocated`` growth.
+Peak memory on CPU, measured after all the timing: the growth of the process's resident set during one
+forward+backward, measured by resetting the kernel's high-water mark (``/proc/self/clear_refs``) and reading
+``VmHWM`` - ``VmRSS`` from ``/proc/self/status`` (Linux only). glibc is then told to serve every block >= 128 KiB
+with mmap and the heap is trimmed first, so freed memory goes back to the OS and cannot hide an allocation; this
+counts everything the process touches (torch, NumPy, Python), not only tensors. On CUDA:
+``torch.cuda.max_memory_allocated`` growth.
 
 Usage: ``python benchmarks/bench_mining.py --sizes 64,256,512,1024,1800 --repeats 3 --out mining.json``
-(``--quick``: sizes 16 and 32, dim 16, one repeat, 1 thread, no memory measurement: a smoke run).
+(``--quick``: sizes 16 and 32, dim 16, one repeat, 1 thread, allocator untouched, no memory measurement: a
+smoke run).
 On a 2-core machine shared with other work the OpenMP threads wait on each other and every figure inflates;
 the printed load average says how quiet the machine was.
 """
@@ -44,7 +52,8 @@ import _common as C
 from facenet_hf.losses import MINING_MODES, TripletLoss, pairwise_distances
 
 MiB = 1024 * 1024
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_M_TRIM_THRESHOLD = -1  # glibc mallopt parameters
+_M_MMAP_THRESHOLD = -3
 
 
 def _pml():
@@ -57,6 +66,20 @@ def _pml():
         return None
     miner = miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
     return miner, pml_losses.TripletMarginLoss(margin=0.2), pytorch_metric_learning.__version__
+
+
+def _keep_freed_memory() -> str:
+    """Tell glibc to keep freed memory for reuse (no page faults on re-allocation); a note on what was done."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 31)
+    except (OSError, AttributeError) as err:
+        return f"allocator left as is ({err})"
+    return (
+        "glibc keeps freed memory (mmap 1 GiB, trim 2 GiB)"
+        if ok
+        else "allocator left as is (mallopt refused)"
+    )
 
 
 class _RssPeak:
@@ -117,7 +140,11 @@ def _methods(x: torch.Tensor, labels: torch.Tensor, pml) -> dict[str, Callable[[
 
         return step
 
-    methods = {"floor": run(lambda: pairwise_distances(x).sum())}
+    def dist_fwd() -> None:
+        with torch.no_grad():
+            pairwise_distances(x)
+
+    methods = {"floor": run(lambda: pairwise_distances(x).sum()), "dist_fwd": dist_fwd}
     for mode in MINING_MODES:
         loss = TripletLoss(margin=0.2, mining=mode)
         methods[mode] = run(lambda loss=loss: loss(x, labels)[0])
@@ -154,13 +181,13 @@ def _tables(results: list[dict], sizes: list[int], names: list[str]) -> str:
     by = {(r["size"], r["method"]): r for r in results}
     ours = [n for n in names if n in MINING_MODES]
     has_pml = "pml_semihard" in names
-    head = ["B", "floor ms", *[f"{n} ms (x floor)" for n in ours]]
+    head = ["B", "floor ms", "dist fwd ms", *[f"{n} ms (x floor)" for n in ours]]
     if has_pml:
         head += ["pml semihard ms", "pml / our semihard"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for size in sizes:
         floor = by[(size, "floor")]["median_ms"]
-        row = [str(size), _fmt(floor)]
+        row = [str(size), _fmt(floor), _fmt(by[(size, "dist_fwd")]["median_ms"])]
         for n in ours:
             t = by[(size, n)]["median_ms"]
             row.append(f"{t:.1f} ({t / floor:.2f}x)")
@@ -214,25 +241,18 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     pml = None if args.no_pml else _pml()
 
-    peak: Callable[[Callable[[], None]], float | None] = lambda fn: None  # noqa: E731
-    if args.no_memory or args.quick:
-        memory_method = "not measured (--no-memory / --quick)"
-    elif device.type == "cuda":
-        memory_method = "torch.cuda.max_memory_allocated growth"
-        peak = lambda fn: _cuda_peak(fn, device)  # noqa: E731
+    if device.type != "cpu":
+        allocator = "CUDA caching allocator"
+    elif args.quick:  # a smoke run (also run inside the test process): leave the allocator alone
+        allocator = "allocator left as is (--quick)"
     else:
-        rss = _RssPeak()  # note: switches glibc to mmap for blocks >= 128 KiB for the rest of the process
-        if rss.available:
-            memory_method = "process RSS high-water growth (/proc/self/clear_refs + VmHWM)"
-            peak = rss.measure
-        else:
-            memory_method = rss.reason
-
+        allocator = _keep_freed_memory()
     env = C.environment()
     print(
         f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, dim {args.dim}, "
         f"k {args.k}, repeats {args.repeats} (median after 1 warm-up), load {env.get('loadavg_1m', 'n/a')}"
     )
+    print(f"timing: {allocator}")
     if pml:
         print(
             f"pytorch-metric-learning {pml[2]}: TripletMarginMiner(semihard) + TripletMarginLoss, margin 0.2"
@@ -240,36 +260,58 @@ def main(argv: list[str] | None = None) -> int:
     else:
         why = "skipped (--no-pml)" if args.no_pml else "not installed (pip install pytorch-metric-learning)"
         print(f"pytorch-metric-learning: {why}; its column is left out")
-    print(f"peak memory: {memory_method}")
+
+    def batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(args.seed + size)
+        emb = torch.nn.functional.normalize(torch.randn(size, args.dim, generator=gen), dim=1)
+        labels = torch.arange(size // args.k).repeat_interleave(args.k).to(device)
+        return emb.to(device).requires_grad_(True), labels
 
     results: list[dict] = []
     names: list[str] = []
     for size in sizes:
-        gen = torch.Generator().manual_seed(args.seed + size)
-        emb = torch.nn.functional.normalize(torch.randn(size, args.dim, generator=gen), dim=1)
-        x = emb.to(device).requires_grad_(True)
-        labels = torch.arange(size // args.k).repeat_interleave(args.k).to(device)
+        x, labels = batch(size)
         methods = _methods(x, labels, pml)
         names = list(methods)
         timings = _time(methods, args.repeats, device)
-        for name, fn in methods.items():
-            peak_mib = peak(fn)
+        for name in methods:
             results.append(
                 {
                     "size": size,
                     "method": name,
                     "median_ms": statistics.median(timings[name]),
                     "times_ms": timings[name],
-                    "peak_mib": peak_mib,
+                    "peak_mib": None,
                 }
             )
-            print(
-                f"  B={size:5d} {name:13s} {statistics.median(timings[name]):9.1f} ms  "
-                f"peak {_fmt(peak_mib, ' MiB')}",
-                flush=True,
-            )
+            print(f"  B={size:5d} {name:13s} {statistics.median(timings[name]):9.1f} ms", flush=True)
         del methods, x
         gc.collect()
+
+    peak: Callable[[Callable[[], None]], float | None] | None = None
+    if args.no_memory or args.quick:
+        memory_method = "not measured (--no-memory / --quick)"
+    elif device.type == "cuda":
+        memory_method = "torch.cuda.max_memory_allocated growth"
+        peak = lambda fn: _cuda_peak(fn, device)  # noqa: E731
+    else:
+        rss = _RssPeak()  # switches glibc to mmap for blocks >= 128 KiB: after the timing
+        if rss.available:
+            memory_method = "process RSS high-water growth (/proc/self/clear_refs + VmHWM)"
+            peak = rss.measure
+        else:
+            memory_method = rss.reason
+    print(f"peak memory: {memory_method}")
+    if peak is not None:
+        by = {(r["size"], r["method"]): r for r in results}
+        for size in sizes:
+            x, labels = batch(size)
+            for name, fn in _methods(x, labels, pml).items():
+                fn()  # warm-up: lazy initialisation is not the method's memory
+                by[(size, name)]["peak_mib"] = peak_mib = peak(fn)
+                print(f"  B={size:5d} {name:13s} peak {_fmt(peak_mib, ' MiB')}", flush=True)
+            del x
+            gc.collect()
 
     print()
     print(_tables(results, sizes, names))
@@ -282,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "pml": pml[2] if pml else None,
         "memory_method": memory_method,
+        "allocator": allocator,
     }
     C.write_json(args.out, {"meta": meta, "results": results})
     return 0

@@ -35,7 +35,10 @@ receives the gradient, never the loss value. Selection is made on the float32 di
 
 Gradients: after selection the loss is linear in the distances, ``sum_ij W_ij d(i, j)``, with ``W`` counting how
 often each pair enters an active triplet with sign +1 (positive) or -1 (negative); its gradient is therefore
-exactly the brute-force autograd gradient over the selected triplets (ReLU'(0) = 0). Memory is O(B^2).
+exactly the brute-force autograd gradient over the selected triplets (ReLU'(0) = 0). batch_all (and semihard's
+accelerator variant) backpropagate through the whole B x B matrix. batch_hard and semihard on CPU, whose ``W``
+has only O(B K) non-zeros, take the selected distances from the matrix but build the gradient from those pairs
+alone (``_PairSum``: O(pairs x D), sparse on CPU), so their backward never touches the matrix. Memory is O(B^2).
 
 Stats (detached 0-d float32 tensors): ``frac_active`` and ``num_triplets`` as above; ``mean_pos_dist`` and
 ``mean_neg_dist`` are the mean anchor-positive / anchor-negative distance over the *valid pairs*, i.e. the
@@ -45,11 +48,12 @@ so ``backward()`` works and yields zero gradients) and all-zero stats.
 
 All maths runs in float32 with autocast disabled, whatever the input dtype (bf16/fp16/float64 inputs are cast;
 gradients flow back in the input dtype). The forward makes no ``.item()`` calls and, on accelerators, no host
-syncs: every mode works on fixed-shape B x B tensors. Cost: one row-wise sort of B x B int64 keys for semihard
+syncs: every mode works on fixed-shape tensors there. Cost: one row-wise sort of B x B int64 keys for semihard
 and batch_all, O(B^2 log B) time and O(B^2) memory; batch_hard needs only row-wise max/min. On CPU the sort runs
 in NumPy (its SIMD sort is ~10x faster than ``torch.sort`` there) on ``torch.get_num_threads()`` threads, and
-semihard switches to a variant that, after the sort, only touches the B*(K-1) positive pairs (dynamic shapes are
-free on CPU); both variants select the same triplets.
+semihard switches to a variant that sorts only the negatives' keys and then works on the B*(K-1) positive pairs
+in NumPy (dynamic shapes are free on CPU, and NumPy's per-call cost is a fraction of torch's on these small
+arrays); both variants select the same triplets.
 """
 
 from __future__ import annotations
@@ -62,12 +66,14 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 __all__ = ["MINING_MODES", "TripletLoss", "pairwise_distances"]
 
 MINING_MODES = ("semihard", "batch_hard", "batch_all")
+_STAT_KEYS = ("frac_active", "mean_pos_dist", "mean_neg_dist", "num_triplets")
 
 # Sort keys are int64: [31 bits: float32 distance bits][1 bit: tie-break][31 bits: column index].
 _COL_BITS = 31
@@ -75,8 +81,10 @@ _COL_MASK = (1 << _COL_BITS) - 1
 _TIE_BIT = 1 << _COL_BITS
 _ABS_MASK = 0x7FFFFFFF
 _INF_BITS = 0x7F800000
+_LAST_KEY = 0x7FFFFFFF << 32  # + column: above every distance's key, NaN included
 _TIE_BIT_I32 = -(1 << 31)  # bit 31 of the low word, as an int32
-_MIN_ROWS_PER_THREAD = 128
+_MIN_ROWS_PER_THREAD = 256
+_DENSE_S_RATIO = 32  # _PairSum's backward on CPU: S dense while B^2 <= this x its non-zeros, else sparse
 
 
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -174,11 +182,58 @@ def _tie_flags(ks: Tensor) -> Tensor:
     return ks.view(torch.int32).view(*ks.shape, 2)[..., 0] < 0  # bit 31 of the low word is its sign
 
 
-def _linear_loss(w: Tensor, d: Tensor, offset: Tensor) -> Tensor:
-    """``sum(w * d) + offset`` with gradient ``w``, its forward value clamped at 0 against rounding."""
-    lin = torch.dot(w.reshape(-1), d.reshape(-1)) + offset
+def _clamped(lin: Tensor) -> Tensor:
+    """``lin`` with its forward value clamped at 0 (against rounding) and its gradient unchanged."""
     value = lin.detach()
     return lin + (value.clamp_min(0.0) - value)
+
+
+def _linear_loss(w: Tensor, d: Tensor, offset: Tensor) -> Tensor:
+    """``sum(w * d) + offset`` with gradient ``w``, its forward value clamped at 0 against rounding."""
+    return _clamped(torch.dot(w.reshape(-1), d.reshape(-1)) + offset)
+
+
+class _PairSum(torch.autograd.Function):
+    """``max(sum_k w_k d(i_k, j_k) + offset, 0)`` over a list of pairs, differentiable w.r.t. the embeddings.
+
+    The clamp only guards the value against rounding (a sum of active hinges is > 0); the gradient is that of
+    the linear sum.
+    The forward takes the pair distances ``dist`` as given (read from the B x B matrix, so selection and loss see
+    the same numbers); the backward builds the gradient from the pairs alone, ``O(pairs x D)`` instead of the
+    ``O(B^2 x D)`` of backpropagating through the matrix: with ``c_k = dL/dd_k * dd_k/ds_k`` (``s`` the squared
+    distance), ``dL/de = 2 (diag(S 1) E - S E)`` for the symmetric sparse ``S`` holding ``c_k`` at ``(i_k, j_k)``
+    and ``(j_k, i_k)``.
+    """
+
+    @staticmethod
+    def forward(
+        emb: Tensor, dist: Tensor, i: Tensor, j: Tensor, w: Tensor, offset: Tensor | float, squared: bool
+    ) -> Tensor:
+        return (torch.dot(w, dist) + offset).clamp_min(0.0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        emb, dist, i, j, w, _, squared = inputs
+        ctx.save_for_backward(emb, dist, i, j, w)
+        ctx.squared = squared
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        emb, dist, i, j, w = ctx.saved_tensors
+        c = w * grad
+        if not ctx.squared:  # d = sqrt(s): dd/ds = 1 / (2 d), and 0 where d = 0 (as the matrix's gradient)
+            c = torch.where(dist > 0, c / (2 * torch.where(dist > 0, dist, 1.0)), 0.0)
+        b = emb.shape[0]
+        rows, cols = torch.cat([i, j]), torch.cat([j, i])
+        cc = torch.cat([c, c])
+        degree = torch.zeros(b, dtype=emb.dtype, device=emb.device).index_add_(0, rows, cc)
+        if emb.device.type == "cpu" and b * b > _DENSE_S_RATIO * rows.numel():  # large and sparse
+            s = torch.sparse_coo_tensor(torch.stack([rows, cols]), cc, (b, b), check_invariants=False)
+            s_e = torch.sparse.mm(s, emb)
+        else:  # S as a dense B x B matrix: faster for small B, and on accelerators (no host sync)
+            s = torch.zeros(b * b, dtype=emb.dtype, device=emb.device).index_add_(0, rows * b + cols, cc)
+            s_e = s.view(b, b) @ emb
+        return 2 * (degree.unsqueeze(1) * emb - s_e), None, None, None, None, None, None
 
 
 def _label_counts(labels: Tensor) -> Tensor:
@@ -234,49 +289,114 @@ def _semihard_dense(d: Tensor, dd: Tensor, same: Tensor, n_neg: Tensor, margin: 
     return _Mined(_linear_loss(w, d, margin * n_active.to(d.dtype)), n_used, n_active, n_used, n_used)
 
 
+def _plain_keys(dd: Tensor) -> Tensor:
+    """int64 keys ``float32 bits << 32 | column`` (distances >= 0, so bit order is value order; -0.0 sorts first)."""
+    b = dd.shape[1]
+    col = torch.arange(b, device=dd.device, dtype=torch.int32).expand(dd.shape)
+    if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
+        return (dd.contiguous().view(torch.int32).long() << 32) | col.long()
+    return torch.stack((col, dd.contiguous().view(torch.int32)), dim=2).view(torch.int64).squeeze(2)
+
+
+def _groups_np(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(counts, anchors, positives)``: how many samples share each sample's label (itself included), and every
+    (a, p) pair with the same label and p != a, anchor-major, then by index."""
+    b = labels.size
+    order = np.argsort(labels, kind="stable")
+    ordered = labels[order]
+    first = np.searchsorted(ordered, labels)
+    counts = np.searchsorted(ordered, labels, "right") - first
+    anchors = np.repeat(np.arange(b), counts)
+    within = np.arange(anchors.size) - (np.cumsum(counts) - counts)[anchors]
+    members = order[first[anchors] + within]
+    keep = members != anchors
+    return counts, anchors[keep], members[keep]
+
+
 def _semihard_compact(
-    d: Tensor, dd: Tensor, same: Tensor, n_pos: Tensor, n_neg: Tensor, margin: float
-) -> tuple[_Mined, Tensor]:
-    """Semihard selection touching only the positive pairs after the sort (CPU: dynamic shapes are free).
+    emb: Tensor, dd: Tensor, labels: Tensor, margin: float, squared: bool
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Semihard loss and stats on CPU: one sort of the negatives, then work on the anchor-positive pairs only.
 
-    Returns the mined result and the per-anchor sums of d over positives (for the stats).
+    The positives and the anchor itself get a key above every distance, so the first ``n_neg`` entries of each
+    sorted row are the anchor's negatives; the number of them not farther than ``d(a, p)`` is a binary search,
+    and is also the sorted position of the nearest farther one. The index work on the pairs and the stats run in
+    NumPy (a few microseconds a call, against ~15 for a torch call: at B = 256 torch's calls would cost more than
+    the sort); the loss reads the selected distances from the matrix and its gradient comes from the pairs
+    (``_PairSum``). Same rules, stats and result as the dense path (``_semihard_dense`` + ``_stats``).
     """
-    b = d.shape[0]
-    ks = _semihard_sorted(dd, same)
-    q = _tie_flags(ks).reshape(-1).nonzero().squeeze(1)  # flat sorted positions of the positives, row-major
-    a = q // b
-    j = q - a * b
-    start = n_pos.cumsum(0) - n_pos
-    k = torch.arange(q.numel(), device=q.device) - start[a]  # index of the positive among its row's
-    rank = j - k  # negatives not farther than the positive (self sorts last, so it is never counted)
-    r = torch.minimum(rank, (n_neg[a] - 1).clamp_min(0))  # nearest farther negative, else the farthest
-    # Sorted position of the r-th negative = r + number of the row's positives with rank <= r.
-    row_key = a * (b + 1)
-    n_before = torch.searchsorted(row_key + rank, row_key + r, right=True) - start[a]
-    ks_flat = ks.reshape(-1)
-    base = a * b
-    p_col = ks_flat[q] & _COL_MASK
-    n_col = ks_flat[base + r + n_before] & _COL_MASK
-    vals = d.reshape(-1)[torch.cat([base + p_col, base + n_col])]
-    d_ap = vals[: q.numel()]
-    hinge = d_ap - vals[q.numel() :] + margin
+    b = dd.shape[0]
+    counts, a, p = _groups_np(labels.numpy())
+    n_pos, n_neg = counts - 1, b - counts
+    ap = a * b + p
+    key = _plain_keys(dd)
+    flat = key.numpy().reshape(-1)
+    diag = np.arange(b)
+    flat[ap] = _LAST_KEY + p
+    flat[diag * (b + 1)] = _LAST_KEY + diag
+    ks = _sort_rows(key)
+    d = dd.numpy()
+    d_ap = d.reshape(-1)[ap]
+    # Keys below (bits(d_ap) + 1) << 32 are the negatives with d <= d_ap (+ 0.0 turns a -0.0 into +0.0).
+    query = ((d_ap + np.float32(0.0)).view(np.int32).astype(np.int64) + 1) << 32
+    slot = np.arange(a.size) - (np.cumsum(n_pos) - n_pos)[a]
+    queries = np.zeros((b, max(int(n_pos.max()), 1)), dtype=np.int64)
+    queries[a, slot] = query
+    not_farther = torch.searchsorted(ks, torch.from_numpy(queries)).numpy()[a, slot]
+    rank = np.minimum(not_farther, np.maximum(n_neg[a] - 1, 0))  # nearest farther negative, else the farthest
+    n = flat[a * b + rank] & _COL_MASK
+    d_an = d.reshape(-1)[a * b + n]
     used = n_neg[a] > 0
-    loss_sum = torch.where(used, torch.relu(hinge), 0.0).sum()
-    n_used = used.sum()
-    n_active = (used & (hinge.detach() > 0)).sum()
-    row_same = torch.zeros(b, dtype=d.dtype, device=d.device).index_add_(0, a, d_ap.detach())
-    return _Mined(loss_sum, n_used, n_active, n_used, n_used), row_same
+    w = (used & (d_ap - d_an + np.float32(margin) > 0)).astype(np.float32)  # active triplets
+    n_active, n_used = int(np.count_nonzero(w)), int(np.count_nonzero(used))
+    loss_sum = _PairSum.apply(
+        emb,
+        torch.from_numpy(np.concatenate([d_ap, d_an])),
+        torch.from_numpy(np.concatenate([a, a])),
+        torch.from_numpy(np.concatenate([p, n])),
+        torch.from_numpy(np.concatenate([w, -w])),
+        margin * n_active,
+        squared,
+    )
+    # Stats, as _stats computes them.
+    has_neg, has_pos = n_neg > 0, n_pos > 0
+    row_same = np.bincount(a, weights=d_ap, minlength=b)
+    row_diff = np.maximum(d.sum(axis=1, dtype=np.float64) - row_same, 0.0)
+    stats = torch.tensor(
+        [
+            n_active / max(n_used, 1),
+            row_same[has_neg].sum() / max(int(n_pos[has_neg].sum()), 1),
+            row_diff[has_pos & has_neg].sum() / max(int(n_neg[has_pos].sum()), 1),
+            n_used,
+        ],
+        dtype=torch.float32,
+    )
+    return loss_sum / max(n_used, 1), dict(zip(_STAT_KEYS, stats.unbind(), strict=True))
 
 
-def _batch_hard(d: Tensor, dd: Tensor, same: Tensor, n_pos: Tensor, n_neg: Tensor, margin: float) -> _Mined:
-    """Hardest positive and hardest negative of each anchor."""
-    hp_idx = torch.where(same, dd, -1.0).argmax(dim=1, keepdim=True)  # self (d = 0) only if no positive
-    hn_idx = torch.where(same, torch.inf, dd).argmin(dim=1, keepdim=True)
-    hinge = (d.gather(1, hp_idx) - d.gather(1, hn_idx)).squeeze(1) + margin
+def _batch_hard(
+    emb: Tensor, dd: Tensor, same: Tensor, n_pos: Tensor, n_neg: Tensor, margin: float, squared: bool
+) -> _Mined:
+    """Hardest positive and hardest negative of each anchor; the gradient flows through those 2B pairs only."""
+    b = dd.shape[0]
+    hp = torch.where(same, dd, -1.0).argmax(dim=1)  # self (d = 0) only if no positive
+    hn = torch.where(same, torch.inf, dd).argmin(dim=1)
+    rows = torch.arange(b, device=dd.device)
+    d_p, d_n = dd.gather(1, hp.unsqueeze(1)).squeeze(1), dd.gather(1, hn.unsqueeze(1)).squeeze(1)
     used = (n_pos > 0) & (n_neg > 0)
-    loss_sum = torch.where(used, torch.relu(hinge), 0.0).sum()
+    active = used & (d_p - d_n + margin > 0)
+    w = active.to(dd.dtype)
+    n_active = active.sum()
+    loss_sum = _PairSum.apply(
+        emb,
+        torch.cat([d_p, d_n]),
+        torch.cat([rows, rows]),
+        torch.cat([hp, hn]),
+        torch.cat([w, -w]),
+        margin * n_active.to(dd.dtype),
+        squared,
+    )
     n_used = used.sum()
-    n_active = (used & (hinge.detach() > 0)).sum()
     return _Mined(loss_sum, n_used, n_active, n_used, n_used)
 
 
@@ -344,47 +464,49 @@ class TripletLoss(nn.Module):
 
     def _forward(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         b = embeddings.shape[0]
-        d = _distances(embeddings, self.squared)
-        dd = d.detach()
-        same = labels.unsqueeze(0) == labels.unsqueeze(1)
+        emb = embeddings.float()
         m = self.margin
         if b == 0:  # nothing to mine (and argmax/argmin reject empty rows)
-            zero = torch.zeros((), dtype=torch.float32, device=d.device)
-            return d.sum(), dict.fromkeys(
-                ("frac_active", "mean_pos_dist", "mean_neg_dist", "num_triplets"), zero
-            )
-        n_pos = _label_counts(labels) - 1
-        n_neg = b - 1 - n_pos
-        row_same = None
-        dense = self._semihard_dense if self._semihard_dense is not None else d.device.type != "cpu"
+            zero = torch.zeros((), dtype=torch.float32, device=emb.device)
+            return emb.sum(), dict.fromkeys(_STAT_KEYS, zero)
+        dense = self._semihard_dense if self._semihard_dense is not None else emb.device.type != "cpu"
         if self.mining == "semihard" and not dense:
-            mined, row_same = _semihard_compact(d, dd, same, n_pos, n_neg, m)
-        elif self.mining == "semihard":
-            mined = _semihard_dense(d, dd, same, n_neg, m)
-        elif self.mining == "batch_hard":
-            mined = _batch_hard(d, dd, same, n_pos, n_neg, m)
+            with torch.no_grad():
+                dd = _distances(emb, self.squared)
+            return _semihard_compact(emb, dd, labels, m, self.squared)
+        counts = _label_counts(labels)
+        n_pos = counts - 1
+        n_neg = b - counts
+        same = labels.unsqueeze(0) == labels.unsqueeze(1)
+        if self.mining == "batch_hard":
+            with torch.no_grad():
+                dd = _distances(emb, self.squared)
+            mined = _batch_hard(emb, dd, same, n_pos, n_neg, m, self.squared)
         else:
-            mined = _batch_all(d, dd, same, n_pos, n_neg, m)
-        loss = mined.loss_sum / mined.n_loss.clamp_min(1).to(d.dtype)
-        return loss.float(), _stats(dd, same, n_pos, n_neg, mined, row_same)
+            d = _distances(emb, self.squared)
+            dd = d.detach()
+            if self.mining == "semihard":
+                mined = _semihard_dense(d, dd, same, n_neg, m)
+            else:
+                mined = _batch_all(d, dd, same, n_pos, n_neg, m)
+        loss = mined.loss_sum / mined.n_loss.clamp_min(1).to(torch.float32)
+        return loss.float(), _stats(dd, same, n_pos, n_neg, mined)
 
 
-def _stats(
-    dd: Tensor, same: Tensor, n_pos: Tensor, n_neg: Tensor, mined: _Mined, row_same: Tensor | None
-) -> dict[str, Tensor]:
-    """Detached 0-d float32 stats (see the module docstring); ``row_same``: per-anchor sums of d over positives."""
+def _stats(dd: Tensor, same: Tensor, n_pos: Tensor, n_neg: Tensor, mined: _Mined) -> dict[str, Tensor]:
+    """Detached 0-d float32 stats (see the module docstring)."""
     with torch.no_grad():
         f32 = torch.float32
         has_neg = n_neg > 0
         has_pos = n_pos > 0
-        if row_same is None:
-            row_same = torch.where(same, dd, 0.0).sum(dim=1)  # the diagonal is 0
+        row_same = torch.where(same, dd, 0.0).sum(dim=1)  # the diagonal is 0
         row_diff = (dd.sum(dim=1) - row_same).clamp_min(0.0)
         pos_pairs = torch.where(has_neg, n_pos, 0).sum().clamp_min(1).to(f32)
         neg_pairs = torch.where(has_pos, n_neg, 0).sum().clamp_min(1).to(f32)
-        return {
-            "frac_active": mined.n_active.to(f32) / mined.n_considered.clamp_min(1).to(f32),
-            "mean_pos_dist": torch.where(has_neg, row_same, 0.0).sum() / pos_pairs,
-            "mean_neg_dist": torch.where(has_pos & has_neg, row_diff, 0.0).sum() / neg_pairs,
-            "num_triplets": mined.num_triplets.to(f32),
-        }
+        values = (
+            mined.n_active.to(f32) / mined.n_considered.clamp_min(1).to(f32),
+            torch.where(has_neg, row_same, 0.0).sum() / pos_pairs,
+            torch.where(has_pos & has_neg, row_diff, 0.0).sum() / neg_pairs,
+            mined.num_triplets.to(f32),
+        )
+        return dict(zip(_STAT_KEYS, values, strict=True))

@@ -208,6 +208,17 @@ def test_dense_and_compact_semihard_agree_on_a_large_batch(monkeypatch):
             torch.testing.assert_close(compact[2][key], dense[2][key], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("ratio", [0, 10**9], ids=["sparse", "dense"])
+@pytest.mark.parametrize("mining", ["semihard", "batch_hard"])
+def test_pair_gradient_matches_brute_force_with_sparse_and_dense_s(monkeypatch, ratio, mining):
+    # The gradient built from the selected pairs (no backward through the B x B matrix), both ways of forming S.
+    monkeypatch.setattr(losses, "_DENSE_S_RATIO", ratio)
+    labels = _pk(6, 4)[torch.randperm(24, generator=torch.Generator().manual_seed(3))]
+    emb = _unit(24, 6, seed=21)
+    for squared in (True, False):
+        _check_against_reference(emb, labels, 0.2, mining, squared, None)
+
+
 def test_threaded_sort_matches_numpy(monkeypatch):
     monkeypatch.setattr(losses, "_MIN_ROWS_PER_THREAD", 1)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
@@ -495,5 +506,5 @@ def test_bench_mining_smoke(tmp_path, capsys):
     assert "| B | floor ms |" in table and "semihard ms (x floor)" in table
     results = json.loads(out.read_text())["results"]
     assert {(r["size"], r["method"]) for r in results} == {
-        (b, m) for b in (16, 32) for m in ("floor", *MINING_MODES)
+        (b, m) for b in (16, 32) for m in ("floor", "dist_fwd", *MINING_MODES)
     }
