@@ -99,7 +99,7 @@ def pair_files(args: argparse.Namespace) -> list[str]:
     return files[: args.n]
 
 
-def bench_embed(args: argparse.Namespace, workers: list[int]) -> list[dict[str, Any]]:
+def bench_embed(args: argparse.Namespace, workers: list[int], nices: list[int]) -> list[dict[str, Any]]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
     model = FaceNet(args.backbone, args.embedding_dim, image_size=args.image_size).to(device).eval()
@@ -116,14 +116,22 @@ def bench_embed(args: argparse.Namespace, workers: list[int]) -> list[dict[str, 
                 model(chunk).float().cpu()
         C.sync(device)
 
-    def embed(w: int) -> None:
+    def embed(w: int, nice: int) -> None:
         with C.autocast(device, args.precision):
             emb = embed_files(
-                model, files, batch_size=args.batch_size, flip="off", num_workers=w, progress=False
+                model,
+                files,
+                batch_size=args.batch_size,
+                flip="off",
+                num_workers=w,
+                worker_nice=nice,
+                progress=False,
             )
         assert emb.shape == (args.n, args.embedding_dim)
 
-    methods = {"bare": bare, **{f"embed_w{w}": (lambda w=w: embed(w)) for w in workers}}
+    # (workers, niceness): the niceness only matters with worker processes
+    variants = [(w, n) for w in workers for n in (nices if w else nices[:1])]
+    methods = {"bare": bare, **{f"embed_w{w}_n{n}": (lambda w=w, n=n: embed(w, n)) for w, n in variants}}
     times: dict[str, list[float]] = {m: [] for m in methods}
     for fn in methods.values():
         fn()  # warm-up
@@ -134,14 +142,15 @@ def bench_embed(args: argparse.Namespace, workers: list[int]) -> list[dict[str, 
             times[name].append(time.perf_counter() - t)
     bare_ips = args.n / C.median(times["bare"])
     rows = [{"method": "bare", "num_workers": None, "images_per_second": bare_ips, "times_s": times["bare"]}]
-    for w in workers:
-        ips = args.n / C.median(times[f"embed_w{w}"])
+    for w, n in variants:
+        ips = args.n / C.median(times[f"embed_w{w}_n{n}"])
         rows.append(
             {
                 "method": "embed_files",
                 "num_workers": w,
+                "worker_nice": n if w else None,
                 "images_per_second": ips,
-                "times_s": times[f"embed_w{w}"],
+                "times_s": times[f"embed_w{w}_n{n}"],
                 "embed/bare": ips / bare_ips,
             }
         )
@@ -155,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="embedding batch size (128; quick 8)")
     parser.add_argument(
         "--workers", default=None, help="comma-separated embed_files num_workers (0,2; quick 0)"
+    )
+    parser.add_argument(
+        "--worker-nice",
+        default="19",
+        help="comma-separated worker niceness for num_workers > 0, each timed (19 = embed_files' default; 0,19 "
+        "compares the workers at the model's priority with the default)",
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed embedding runs (3; quick 2)")
     parser.add_argument(
@@ -170,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     C.resolve(args, FULL, QUICK)
     C.apply_threads(args)
     workers = C.int_list(args.workers)
+    nices = C.int_list(args.worker_nice)
+    if not nices or min(nices) < 0 or max(nices) > 19:
+        parser.error(f"--worker-nice must list values in 0..19, got {args.worker_nice!r}")
     if args.protocol_pairs < 20 or args.protocol_pairs % 20:
         parser.error("--protocol-pairs must be a multiple of 20 (10 folds, half matched)")
     if args.n < 1 or args.repeats < 1 or args.protocol_repeats < 1 or not workers or min(workers) < 0:
@@ -200,15 +218,16 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )
     )
-    embed = bench_embed(args, workers)
+    embed = bench_embed(args, workers, nices)
     print(
         "\n"
         + C.markdown_table(
-            ["embedding (flip off)", "num_workers", "img/s", "x bare forward"],
+            ["embedding (flip off)", "num_workers", "worker nice", "img/s", "x bare forward"],
             [
                 [
                     "bare forward, tensors in memory" if r["method"] == "bare" else "embed_files (LFW files)",
                     "-" if r["num_workers"] is None else r["num_workers"],
+                    "-" if r.get("worker_nice") is None else r["worker_nice"],
                     r["images_per_second"],
                     r.get("embed/bare", 1.0),
                 ]

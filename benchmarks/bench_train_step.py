@@ -10,7 +10,9 @@ precision and channels_last), measured in one invocation:
   seconds (evaluation and checkpoints excluded by the engine) between the end of the warm-up steps and the last
   step; ``train.log_every`` is gcd(warmup, steps), so that both are logged (per-step times are per-interval).
   The run's own figure over all steps (warm-up included) is kept as ``engine_images_per_second``. The final
-  evaluation on the held-out fold's pairs runs (flip off) but is not timed.
+  evaluation on the held-out fold's pairs runs (flip off) but is not timed. The DataLoader workers run at
+  ``data.worker_nice`` (19 by default: the lowest CPU priority);
+* ``full_nice0`` (on request): ``full`` with ``data.worker_nice=0``, the workers at the model's priority;
 * ``floor``: forward + semihard ``TripletLoss`` + backward + AdamW step of the same model on one batch already
   in memory: no data loading, no accelerate; the ceiling for ``full``.
 * ``reference``: a plain loop in the style of torchvision's ``references/similarity``: ``ImageFolder`` on the
@@ -52,7 +54,8 @@ from facenet_hf.engine import build_data, build_model, train
 from facenet_hf.losses import TripletLoss
 from facenet_hf.optim import build_optimizer
 
-METHODS = ("full", "floor", "reference")
+METHODS = ("full", "full_nice0", "floor", "reference")
+DEFAULT_METHODS = ("full", "floor", "reference")
 FULL = {
     "image_size": 112,
     "p": 16,
@@ -76,8 +79,10 @@ QUICK = {
 }
 
 
-def make_config(args: argparse.Namespace, output_dir: Path) -> Config:
-    """The training config of the ``full`` method (the CPU 30-minute recipe's settings, as few steps as asked)."""
+def make_config(args: argparse.Namespace, output_dir: Path, worker_nice: int | None = None) -> Config:
+    """The training config of the ``full`` method (the CPU 30-minute recipe's settings, as few steps as asked);
+    ``worker_nice``: override ``data.worker_nice`` (default: the config's)."""
+    nice = [] if worker_nice is None else [f"data.worker_nice={worker_nice}"]
     return load_config(
         None,
         [
@@ -105,6 +110,7 @@ def make_config(args: argparse.Namespace, output_dir: Path) -> Config:
             f"train.seed={args.seed}",
             f"output_dir={output_dir}",
             "overwrite=true",
+            *nice,
         ],
     )
 
@@ -131,10 +137,10 @@ def _summary(step_s: list[float], warmup: int, batch: int) -> dict[str, Any]:
     }
 
 
-def run_full(args: argparse.Namespace) -> dict[str, Any]:
+def run_full(args: argparse.Namespace, worker_nice: int | None = None) -> dict[str, Any]:
     """``train(cfg)`` for warmup + steps optimizer steps; per-step times from metrics.jsonl's ``elapsed``."""
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
-        cfg = make_config(args, Path(tmp) / "run")
+        cfg = make_config(args, Path(tmp) / "run", worker_nice)
         t0 = time.perf_counter()
         result = train(cfg, progress=False)
         wall = time.perf_counter() - t0
@@ -234,7 +240,12 @@ def training_people(args: argparse.Namespace) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     C.add_common_args(parser)
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of %(default)s")
+    parser.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated subset of {','.join(METHODS)} (full_nice0: full with data.worker_nice=0, the "
+        "workers at the model's CPU priority) (default: %(default)s)",
+    )
     parser.add_argument("--image-size", type=int, default=None, help="input resolution (112; quick 32)")
     parser.add_argument("--p", type=int, default=None, help="identities per batch (16; quick 4)")
     parser.add_argument("--k", type=int, default=None, help="images per identity (4; quick 2)")
@@ -285,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             res = (
                 run_full(args)
                 if m == "full"
+                else run_full(args, worker_nice=0)
+                if m == "full_nice0"
                 else run_floor(args)
                 if m == "floor"
                 else run_reference(args, people)
@@ -307,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     ratios: dict[str, float] = {}
     if "full" in results:
-        for other in ("floor", "reference"):
+        for other in ("full_nice0", "floor", "reference"):
             if other in results:
                 ratios[f"full/{other}"] = (
                     results["full"]["images_per_second"] / results[other]["images_per_second"]
@@ -316,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     full = results.get("full", {}).get("images_per_second")
     labels = {
         "full": "full: facenet_hf train() (LFW files, HF datasets, PKBatchSampler, semihard)",
+        "full_nice0": "full, data workers at the model's priority (data.worker_nice=0)",
         "floor": "floor: in-memory batch, fwd + semihard + bwd + AdamW",
         "reference": "reference: ImageFolder + simple PK + batch_all (B^3 mask)",
     }

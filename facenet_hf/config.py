@@ -50,6 +50,9 @@ class DataConfig:
     # K "images" being augmented copies of one photo: negatives for everyone, augmentation-only positives)
     replacement: bool = True  # identities with < k images are sampled with replacement (else dropped)
     num_workers: int = 2
+    worker_nice: int = (
+        19  # niceness added to the DataLoader workers (0..19): they yield the cores to the model
+    )
     train_transforms: list = field(default_factory=lambda: list(DEFAULT_TRAIN_STEPS))
     eval_transforms: list = field(default_factory=lambda: list(DEFAULT_EVAL_STEPS))
     bad_images: Literal["skip", "error"] = "skip"  # what an unusable image file does (docs/robustness.md)
@@ -252,6 +255,10 @@ def validate(cfg: Config) -> Config:
         ok = value > bound if op == ">" else value >= bound
         if not ok:
             raise ConfigError(f"{key}: {value!r} is out of range; it must be {op} {bound}")
+    if not 0 <= cfg.data.worker_nice <= 19:
+        raise ConfigError(
+            f"data.worker_nice: {cfg.data.worker_nice!r} is out of range; it must be in 0..19 (0 = unchanged)"
+        )
     if not cfg.data.train_source and not cfg.data.lfw_dir:
         raise ConfigError(
             "data.train_source or data.lfw_dir must be set (a folder, parquet file or Hub dataset)"

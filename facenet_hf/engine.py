@@ -41,6 +41,7 @@ from facenet_hf.config import Config, config_to_dict, save_config
 from facenet_hf.data.sampler import PKBatchSampler
 from facenet_hf.data.sources import labels_of
 from facenet_hf.data.transforms import BatchTransform, build_transform, collate_batch
+from facenet_hf.data.workers import LowPriorityWorkers
 from facenet_hf.ema import ModelEMA
 from facenet_hf.evaluation.lfw_eval import evaluate_lfw, write_report
 from facenet_hf.interrupt import DeferredInterrupt, any_process
@@ -163,6 +164,7 @@ def _train(cfg: Config, accelerator: Accelerator, out: Path, progress: bool) -> 
         # not persistent: each epoch's workers start from batch_tf as it is then (its epoch, see below)
         persistent_workers=False,
         generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG out of the data order
+        worker_init_fn=LowPriorityWorkers(cfg.data.worker_nice),
     )
     optimizer = build_optimizer(model, t)
     loss_fn = TripletLoss(margin=cfg.loss.margin, mining=cfg.loss.mining, squared=cfg.loss.squared)
@@ -330,6 +332,7 @@ def _evaluate(accelerator, model, cfg, pairs, state, metrics_file: Path, *, writ
         flip=t.eval_flip,
         batch_size=t.eval_batch_size,
         num_workers=cfg.data.num_workers,
+        worker_nice=cfg.data.worker_nice,
         squared=cfg.loss.squared,
         accelerator=accelerator,
         progress=False,

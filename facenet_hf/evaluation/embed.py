@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from facenet_hf.data.transforms import BatchTransform, build_transform, collate_batch
+from facenet_hf.data.workers import DEFAULT_WORKER_NICE, LowPriorityWorkers
 
 FLIP_MODES = ("off", "sum", "concat")
 
@@ -47,6 +48,7 @@ def embed_files(
     batch_size: int = 128,
     flip: str = "off",
     num_workers: int = 0,
+    worker_nice: int = DEFAULT_WORKER_NICE,
     accelerator=None,
     progress: bool = True,
     desc: str = "embedding",
@@ -61,7 +63,12 @@ def embed_files(
     ds = ds.cast_column("image", datasets.Image(decode=False))
     ds = ds.with_transform(BatchTransform(transform, bad_image_policy="error"))
     loader = DataLoader(
-        ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_batch
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_batch,
+        worker_init_fn=LowPriorityWorkers(worker_nice),
     )
     was_training = model.training
     model.eval()

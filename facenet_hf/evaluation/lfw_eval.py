@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from facenet_hf.data.lfw import LFWPairs
+from facenet_hf.data.workers import DEFAULT_WORKER_NICE
 from facenet_hf.evaluation.embed import embed_files
 from facenet_hf.evaluation.plots import plot_distance_histogram, plot_roc
 from facenet_hf.evaluation.verification import report_to_json, verification_protocol
@@ -34,6 +35,7 @@ def evaluate_lfw(
     flip: str = "sum",
     batch_size: int = 128,
     num_workers: int = 0,
+    worker_nice: int = DEFAULT_WORKER_NICE,
     squared: bool = True,
     far_target: float = 1e-3,
     accelerator=None,
@@ -55,6 +57,7 @@ def evaluate_lfw(
         batch_size=batch_size,
         flip=flip,
         num_workers=num_workers,
+        worker_nice=worker_nice,
         accelerator=accelerator,
         progress=progress,
         desc="embedding LFW pairs",
