@@ -197,28 +197,23 @@ class _PairSum(torch.autograd.Function):
     """``max(sum_k w_k d(i_k, j_k) + offset, 0)`` over a list of pairs, differentiable w.r.t. the embeddings.
 
     The clamp only guards the value against rounding (a sum of active hinges is > 0); the gradient is that of
-    the linear sum.
-    The forward takes the pair distances ``dist`` as given (read from the B x B matrix, so selection and loss see
-    the same numbers); the backward builds the gradient from the pairs alone, ``O(pairs x D)`` instead of the
-    ``O(B^2 x D)`` of backpropagating through the matrix: with ``c_k = dL/dd_k * dd_k/ds_k`` (``s`` the squared
-    distance), ``dL/de = 2 (diag(S 1) E - S E)`` for the symmetric sparse ``S`` holding ``c_k`` at ``(i_k, j_k)``
-    and ``(j_k, i_k)``.
+    the linear sum. The forward takes the pair distances ``dist`` as given (read from the B x B matrix, so
+    selection and loss see the same numbers); the backward builds the gradient from the pairs alone,
+    ``O(pairs x D)`` instead of the ``O(B^2 x D)`` of backpropagating through the matrix: with
+    ``c_k = dL/dd_k * dd_k/ds_k`` (``s`` the squared distance), ``dL/de = 2 (diag(S 1) E - S E)`` for the
+    symmetric sparse ``S`` holding ``c_k`` at ``(i_k, j_k)`` and ``(j_k, i_k)``.
+    (The ``forward(ctx, ...)`` form: with a separate ``setup_context`` torch binds the arguments through
+    ``inspect`` on every call, ~50 us.)
     """
 
     @staticmethod
-    def forward(
-        emb: Tensor, dist: Tensor, i: Tensor, j: Tensor, w: Tensor, offset: Tensor | float, squared: bool
-    ) -> Tensor:
+    def forward(ctx, emb, dist, i, j, w, offset, squared):
+        ctx.save_for_backward(emb, dist, i, j, w)
+        ctx.squared = squared
         return (torch.dot(w, dist) + offset).clamp_min(0.0)
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        emb, dist, i, j, w, _, squared = inputs
-        ctx.save_for_backward(emb, dist, i, j, w)
-        ctx.squared = squared
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, grad):
         emb, dist, i, j, w = ctx.saved_tensors
         c = w * grad
         if not ctx.squared:  # d = sqrt(s): dd/ds = 1 / (2 d), and 0 where d = 0 (as the matrix's gradient)
@@ -361,17 +356,17 @@ def _semihard_compact(
     # Stats, as _stats computes them.
     has_neg, has_pos = n_neg > 0, n_pos > 0
     row_same = np.bincount(a, weights=d_ap, minlength=b)
-    row_diff = np.maximum(d.sum(axis=1, dtype=np.float64) - row_same, 0.0)
-    stats = torch.tensor(
+    row_diff = np.maximum(d.sum(axis=1) - row_same, 0.0)
+    stats = np.array(
         [
             n_active / max(n_used, 1),
             row_same[has_neg].sum() / max(int(n_pos[has_neg].sum()), 1),
             row_diff[has_pos & has_neg].sum() / max(int(n_neg[has_pos].sum()), 1),
             n_used,
         ],
-        dtype=torch.float32,
+        dtype=np.float32,
     )
-    return loss_sum / max(n_used, 1), dict(zip(_STAT_KEYS, stats.unbind(), strict=True))
+    return loss_sum / max(n_used, 1), dict(zip(_STAT_KEYS, torch.from_numpy(stats).unbind(), strict=True))
 
 
 def _batch_hard(
