@@ -155,7 +155,9 @@ def _train(cfg: Config, accelerator: Accelerator, out: Path, progress: bool) -> 
     train_tf = build_transform(
         cfg.data.train_transforms, image_size=model.image_size, mean=model.mean, std=model.std
     )
-    batch_tf = BatchTransform(train_tf, bad_image_policy=cfg.data.bad_images, seed=t.seed)
+    batch_tf = BatchTransform(
+        train_tf, bad_image_policy=cfg.data.bad_images, seed=t.seed, channels_last=t.channels_last
+    )
     loader = DataLoader(
         train_ds.with_transform(batch_tf),
         batch_sampler=sampler,

@@ -591,13 +591,63 @@ def test_collate_reuses_the_stacked_batch_instead_of_copying_it() -> None:
     batch = BatchTransform(t)(_batch(4))
     rows = [{k: v[i] for k, v in batch.items()} for i in range(4)]  # what Dataset.__getitems__ does
     out = collate_batch(rows)
-    assert out["pixel_values"] is batch["pixel_values"]  # no copy
+    assert _same_memory(out["pixel_values"], batch["pixel_values"])  # no copy
     assert torch.equal(out["labels"], batch["labels"])
     # rows that are not, in order, the whole of one tensor are stacked as usual
     shuffled = collate_batch([rows[1], rows[0], rows[2], rows[3]])
     assert torch.equal(shuffled["pixel_values"][0], batch["pixel_values"][1])
-    assert shuffled["pixel_values"] is not batch["pixel_values"]
+    assert shuffled["pixel_values"].data_ptr() != batch["pixel_values"].data_ptr()
+    # inference mode (embed_files) records no view base: the storage decides
+    with torch.inference_mode():
+        frozen = BatchTransform(t)(_batch(4))
+        inf_rows = [{k: v[i] for k, v in frozen.items()} for i in range(4)]
+        assert inf_rows[0]["pixel_values"]._base is None
+        assert _same_memory(collate_batch(inf_rows)["pixel_values"], frozen["pixel_values"])
     partial = collate_batch(rows[:3])
     assert torch.equal(partial["pixel_values"], batch["pixel_values"][:3])
     loose = collate_batch([{"pixel_values": torch.ones(3, 2, 2)}, {"pixel_values": torch.zeros(3, 2, 2)}])
     assert loose["pixel_values"].shape == (2, 3, 2, 2)
+
+
+@pytest.mark.parametrize("steps", [DEFAULT_EVAL_STEPS, DEFAULT_TRAIN_STEPS], ids=["eval", "train"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batched_conversion_equals_the_per_image_pipeline(steps, channels_last) -> None:
+    # BatchTransform converts and normalises once per batch; the result must be the per-image pipeline's,
+    # bit for bit, bad rows included (zeros), in the asked memory format.
+    t = _build(steps)
+    assert t.batchable
+    batch = _batch(5, bad_at=(2,))
+    out = BatchTransform(t, seed=3, channels_last=channels_last)(batch)
+    per_image = BatchTransform(_PerImage(t), seed=3, image_size=S)(batch)
+    assert torch.equal(out["pixel_values"], per_image["pixel_values"])
+    assert out["valid"].tolist() == [True, True, False, True, True]
+    assert (out["pixel_values"][2] == 0).all()
+    pv = out["pixel_values"]
+    assert pv.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    # collate_batch still hands the batch on without a copy
+    rows = [{k: v[i] for k, v in out.items()} for i in range(5)]
+    assert _same_memory(collate_batch(rows)["pixel_values"], pv)
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same elements in the same memory (a view, not a copy)."""
+    return (
+        a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and torch.equal(a, b)
+    )
+
+
+class _PerImage:
+    """A FaceTransform hidden behind a plain callable: BatchTransform's per-image path (convert, then stack)."""
+
+    def __init__(self, t) -> None:
+        self.t = t
+
+    def __call__(self, img):
+        return self.t(img)
+
+
+def test_steps_that_do_not_end_in_normalize_are_not_batched() -> None:
+    t = _build([*DEFAULT_EVAL_STEPS, {"random_erasing": {"p": 1.0}}])
+    assert not t.batchable  # a tensor step after normalize: the per-image path
+    out = BatchTransform(t)(_batch(3))
+    assert out["pixel_values"].shape == (3, 3, S, S)

@@ -457,6 +457,17 @@ class _ToNormalizedTensor(torch.nn.Module):
             x = x * 255.0
         return x.sub_(self._shift).mul_(self._scale)
 
+    def normalize_batch(self, hwc: np.ndarray, channels_last: bool) -> torch.Tensor:
+        """uint8 ``[B, H, W, 3]`` -> float32 ``[B, 3, H, W]``, as ``forward`` on each image, in two batched passes;
+        ``channels_last``: keep the NHWC memory (what a channels_last model takes) instead of copying to NCHW."""
+        x = torch.from_numpy(hwc).permute(0, 3, 1, 2)
+        x = (
+            x.to(torch.float32)
+            if channels_last
+            else x.to(torch.float32, memory_format=torch.contiguous_format)
+        )
+        return x.sub_(self._shift).mul_(self._scale)
+
     def extra_repr(self) -> str:
         return f"mean={list(self.mean)}, std={list(self.std)}"
 
@@ -792,14 +803,23 @@ class FaceTransform:
 
     def __call__(self, img: Any) -> torch.Tensor:
         """Transform one RGB image (PIL, or a uint8 CHW tensor)."""
+        x = self.to_tensor(self.prepare(img))
+        for op in self.tensor_ops:
+            x = op(x)
+        return x
+
+    def prepare(self, img: Any) -> Any:
+        """The image steps alone: the image at ``image_size`` before the tensor conversion."""
         if isinstance(img, Image.Image) and img.mode != "RGB":
             img = to_rgb(img)
         for op in self.image_ops:
             img = op(img)
-        x = self.to_tensor(img)
-        for op in self.tensor_ops:
-            x = op(x)
-        return x
+        return img
+
+    @property
+    def batchable(self) -> bool:
+        """Whether the tensor conversion can run once per batch (:class:`BatchTransform` does it then)."""
+        return not self.tensor_ops and isinstance(self.to_tensor, _ToNormalizedTensor)
 
     def __repr__(self) -> str:
         parts = [*map(repr, self.image_ops), repr(self.to_tensor), *map(repr, self.tensor_ops)]
@@ -884,7 +904,10 @@ class BatchTransform:
     with ``valid=False`` in the bad row (batch shapes stay P x K; the training loop drops invalid rows from the
     loss) and appends ``(path, reason)`` to ``self.bad``. With DataLoader worker processes ``self.bad`` fills in
     the workers' copies, so collect the failures from each batch's ``"bad"`` instead.
-    ``label_key=None`` gives labels -1 (unlabelled data).
+    ``label_key=None`` gives labels -1 (unlabelled data). With a :class:`FaceTransform` ending in ``normalize``
+    (every built pipeline without tensor steps) the images are converted and normalised once per batch;
+    ``channels_last=True`` then returns ``pixel_values`` in channels_last memory (what a channels_last model
+    takes, without the copy it would otherwise make).
 
     ``seed``: None draws the augmentations from torch's global RNG (seeded per worker by the DataLoader). An int
     seeds each batch's augmentations from ``(seed, epoch, the batch's image paths)`` (see :meth:`set_epoch`): the same batch is augmented the
@@ -903,6 +926,7 @@ class BatchTransform:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         min_size: int = DEFAULT_MIN_SIZE,
         seed: int | None = None,
+        channels_last: bool = False,
     ) -> None:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise ValueError(f"seed must be None or an int, got {seed!r}")
@@ -915,6 +939,7 @@ class BatchTransform:
         self.image_size = image_size if image_size is not None else getattr(transform, "image_size", None)
         self.max_pixels = max_pixels
         self.min_size = min_size
+        self.channels_last = bool(channels_last)
         self.bad: list[tuple[str, str]] = []
         self.seed = None if seed is None else int(seed)
         self.epoch = 0
@@ -937,7 +962,9 @@ class BatchTransform:
             labels = torch.full((len(images),), -1, dtype=torch.int64)
         else:
             labels = torch.as_tensor(list(self._column(batch, self.label_key)), dtype=torch.int64)
-        pixels: list[torch.Tensor | None] = []
+        tf = self.transform
+        batched = getattr(tf, "batchable", False)  # the tensor conversion runs once for the batch
+        rows: list[Any] = []  # per row: the prepared image (batched) or the tensor; None for a bad image
         bad: list[tuple[str, str] | None] = []
         for obj in images:
             try:
@@ -947,26 +974,53 @@ class BatchTransform:
                     raise
                 failure = (exc.source, exc.reason)
                 self.bad.append(failure)
-                pixels.append(None)
+                rows.append(None)
                 bad.append(failure)
                 continue
-            pixels.append(self.transform(img))
+            rows.append(tf.prepare(img) if batched else tf(img))
             bad.append(None)
+        return {
+            "pixel_values": self._batch_pixels(rows) if batched else self._stack(rows),
+            "labels": labels,
+            "valid": torch.tensor([x is not None for x in rows], dtype=torch.bool),
+            "bad": bad,
+        }
+
+    def _batch_pixels(self, rows: list[Any]) -> torch.Tensor:
+        """Prepared images -> one uint8 NHWC array -> normalised float32 in two batched passes (instead of a
+        conversion per image and a stack: ~0.3 ms less per 112 px image); bad rows are zeros."""
+        tf = self.transform
+        size = tf.image_size
+        hwc = np.zeros((len(rows), size, size, 3), dtype=np.uint8)
+        loose: dict[int, torch.Tensor] = {}  # anything but an RGB uint8 image of the output size: one by one
+        for i, img in enumerate(rows):
+            if img is None:
+                continue
+            arr = _hwc_uint8(img, size)
+            if arr is None:
+                loose[i] = tf.to_tensor(img)
+            else:
+                hwc[i] = arr
+        x = tf.to_tensor.normalize_batch(hwc, self.channels_last)
+        for i, t in loose.items():
+            x[i] = t
+        for i, img in enumerate(rows):
+            if img is None:
+                x[i] = 0.0
+        return x
+
+    def _stack(self, pixels: list[torch.Tensor | None]) -> torch.Tensor:
         template = next((x for x in pixels if x is not None), None)
         if template is None:
             if self.image_size is None:
                 raise ValueError(
-                    f"all {len(images)} images of the batch are bad and the output size is unknown: "
+                    f"all {len(pixels)} images of the batch are bad and the output size is unknown: "
                     "pass image_size= to BatchTransform"
                 )
             template = torch.zeros(3, self.image_size, self.image_size)
         zeros = torch.zeros_like(template)
-        return {
-            "pixel_values": torch.stack([zeros if x is None else x for x in pixels]) if pixels else zeros[:0],
-            "labels": labels,
-            "valid": torch.tensor([x is not None for x in pixels], dtype=torch.bool),
-            "bad": bad,
-        }
+        x = torch.stack([zeros if x is None else x for x in pixels]) if pixels else zeros.unsqueeze(0)[:0]
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
     @staticmethod
     def _column(batch: Mapping[str, Sequence[Any]], key: str) -> Sequence[Any]:
@@ -979,6 +1033,15 @@ class BatchTransform:
             f"BatchTransform(policy={self.bad_image_policy!r}, image_key={self.image_key!r}, "
             f"label_key={self.label_key!r}, seed={self.seed!r}, transform={self.transform!r})"
         )
+
+
+def _hwc_uint8(img: Any, size: int) -> np.ndarray | None:
+    """An RGB image of ``size x size`` as a uint8 ``[H, W, 3]`` array, or None when it is anything else."""
+    if isinstance(img, Image.Image):
+        return np.asarray(img) if img.mode == "RGB" and img.size == (size, size) else None
+    if isinstance(img, torch.Tensor) and img.dtype == torch.uint8 and tuple(img.shape) == (3, size, size):
+        return img.permute(1, 2, 0).numpy()
+    return None
 
 
 def _identify(obj: Any) -> str:
@@ -996,18 +1059,31 @@ def _identify(obj: Any) -> str:
 
 
 def _restack(rows: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``torch.stack(rows)``, without the copy when the rows are, in order, all the rows of one tensor (what
-    ``Dataset.__getitems__`` makes of a batch transform's stacked output: ``[t[0], t[1], ...]``)."""
-    base = rows[0]._base
-    if (
-        base is not None
-        and base.dim() == rows[0].dim() + 1
-        and base.shape[0] == len(rows)
-        and base.is_contiguous()
-        and all(r._base is base for r in rows)
-        and all(r.data_ptr() == base[i].data_ptr() for i, r in enumerate(rows))
+    """``torch.stack(rows)``, without the copy when the rows are, in order, the consecutive rows of one dense
+    tensor (what ``Dataset.__getitems__`` makes of a batch transform's output: ``[t[0], t[1], ...]``), in NCHW or
+    channels_last memory. Decided from the storage, not ``Tensor._base``, which inference mode does not set."""
+    first = rows[0]
+    n, size = len(rows), first.numel() * first.element_size()
+    storage = first.untyped_storage().data_ptr()
+    if all(
+        isinstance(r, torch.Tensor)
+        and r.dtype == first.dtype
+        and r.device == first.device
+        and r.shape == first.shape
+        and r.stride() == first.stride()
+        and r.untyped_storage().data_ptr() == storage
+        and r.data_ptr() == first.data_ptr() + i * size
+        for i, r in enumerate(rows)
     ):
-        return base
+        batch = first.as_strided((n, *first.shape), (first.numel(), *first.stride()), first.storage_offset())
+        dense = batch.is_contiguous() or (
+            batch.dim() == 4 and batch.is_contiguous(memory_format=torch.channels_last)
+        )
+        if (
+            dense
+            and batch.untyped_storage().nbytes() >= first.storage_offset() * first.element_size() + n * size
+        ):
+            return batch
     return torch.stack(list(rows))
 
 

@@ -39,6 +39,14 @@ def flip_embed(model: nn.Module, pixel_values: torch.Tensor, flip: str) -> torch
     return torch.cat([emb.float(), emb_flip.float()], dim=-1) / np.sqrt(2.0)
 
 
+def _is_channels_last(model: nn.Module) -> bool:
+    """Whether the model's convolution weights are in channels_last memory (then so should its inputs be)."""
+    for p in model.parameters():
+        if p.dim() == 4:
+            return p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+    return False
+
+
 @torch.inference_mode()
 def embed_files(
     model: nn.Module,
@@ -58,10 +66,13 @@ def embed_files(
     With an ``accelerator`` the files are split across processes and gathered back without duplicates
     (``gather_for_metrics``); every process gets the full array.
     """
-    transform = transform or model_transform(accelerator.unwrap_model(model) if accelerator else model)
+    net = accelerator.unwrap_model(model) if accelerator else model
+    transform = transform or model_transform(net)
     ds = datasets.Dataset.from_dict({"image": list(files), "label": [0] * len(files)})
     ds = ds.cast_column("image", datasets.Image(decode=False))
-    ds = ds.with_transform(BatchTransform(transform, bad_image_policy="error"))
+    ds = ds.with_transform(
+        BatchTransform(transform, bad_image_policy="error", channels_last=_is_channels_last(net))
+    )
     loader = DataLoader(
         ds,
         batch_size=batch_size,
