@@ -11,8 +11,8 @@ Rows, per batch size B (P x K batches, unit-norm random embeddings of size --dim
 Time: median of --repeats runs after one warm-up run, wall clock (``torch.cuda.synchronize`` on CUDA); the
 methods are timed in interleaved rounds so that load from other processes affects them alike. On CPU the timing
 runs with glibc told to keep the memory it frees (``M_MMAP_THRESHOLD`` 1 GiB, ``M_TRIM_THRESHOLD`` 2 GiB): by
-default every step would map fresh B x B buffers and pay a page fault per 4 KiB (7,000-40,000 per step at
-B = 1800, more than half of some rows' time, and varying with the heap's history); kept memory is what CUDA's
+default every step would map fresh B x B buffers and pay a page fault per 4 KiB of them (at B = 1800 a large
+part of some rows' time, varying with the heap's history); kept memory is what CUDA's
 caching allocator gives on a GPU and what tcmalloc/jemalloc give on CPU. The JSON output keeps every run.
 The row ``dist_fwd`` (the distance matrix forward only, no autograd) is the part no miner can avoid; the miners
 here backpropagate through the selected pairs only (semihard on CPU, batch_hard) or through the whole matrix

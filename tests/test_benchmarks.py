@@ -119,3 +119,14 @@ def test_gpu_script_cpu_side(tmp_path, capsys):
     assert res["compile"] == "off" and res["images_per_second"] > 0
     with pytest.raises(SystemExit):
         bench.main(["--compile", "sometimes", "--dry-run"])
+
+
+def test_optimizer(tmp_path, capsys):
+    out = tmp_path / "opt.json"
+    assert load_bench("bench_optimizer").main(["--quick", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert {r["optimizer"] for r in rows} == {"adamw", "adam", "sgd"} and len(rows) == 9
+    assert all(r["median_ms"] > 0 for r in rows)
+    ours = [r for r in rows if r["implementation"].startswith("build_optimizer")]
+    assert all("fused=True" in r["implementation"] for r in ours)  # CPU has the fused kernels
+    assert "| optimizer | implementation | step ms (median) | x the for-loop |" in capsys.readouterr().out
