@@ -75,7 +75,8 @@ __all__ = ["MINING_MODES", "TripletLoss", "pairwise_distances"]
 MINING_MODES = ("semihard", "batch_hard", "batch_all")
 _STAT_KEYS = ("frac_active", "mean_pos_dist", "mean_neg_dist", "num_triplets")
 
-# Sort keys are int64: [31 bits: float32 distance bits][1 bit: tie-break][31 bits: column index].
+# Sort keys are int64: [31 bits: float32 distance bits][1 bit: tie-break][31 bits: column index] (dense semihard,
+# batch_all), or [32 bits: float32 distance bits][32 bits: column index] (_plain_keys: semihard on CPU).
 _COL_BITS = 31
 _COL_MASK = (1 << _COL_BITS) - 1
 _TIE_BIT = 1 << _COL_BITS

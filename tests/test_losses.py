@@ -508,3 +508,14 @@ def test_bench_mining_smoke(tmp_path, capsys):
     assert {(r["size"], r["method"]) for r in results} == {
         (b, m) for b in (16, 32) for m in ("floor", "dist_fwd", *MINING_MODES)
     }
+
+
+@pytest.mark.parametrize(("mining", "dense"), IMPLS)
+@pytest.mark.parametrize("rows", [[5], list(range(16))], ids=["one_row", "all_rows"])
+def test_nan_embeddings_give_a_nan_loss(mining, dense, rows):
+    # The engine's non-finite policy needs a NaN loss when the model emits NaN: a NaN distance must never just
+    # make its triplets look inactive (the pair gradient reads the distances of every pair, active or not).
+    emb = _unit(16, 8, seed=2).clone()
+    emb[rows] = float("nan")
+    loss, _, _ = _run(emb, _pk(4, 4), 0.2, mining, True, dense)
+    assert torch.isnan(loss)
