@@ -50,9 +50,7 @@ class DataConfig:
     # K "images" being augmented copies of one photo: negatives for everyone, augmentation-only positives)
     replacement: bool = True  # identities with < k images are sampled with replacement (else dropped)
     num_workers: int = 2
-    worker_nice: int = (
-        19  # niceness added to the DataLoader workers (0..19): they yield the cores to the model
-    )
+    worker_nice: int = 19  # added to the DataLoader workers' niceness (0..19): they yield cores to the model
     train_transforms: list = field(default_factory=lambda: list(DEFAULT_TRAIN_STEPS))
     eval_transforms: list = field(default_factory=lambda: list(DEFAULT_EVAL_STEPS))
     bad_images: Literal["skip", "error"] = "skip"  # what an unusable image file does (docs/robustness.md)
