@@ -18,6 +18,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from facenet_hf.data.transforms import DEFAULT_EVAL_STEPS, DEFAULT_TRAIN_STEPS
+from facenet_hf.data.workers import check_worker_nice
 
 
 class ConfigError(ValueError):
@@ -253,10 +254,10 @@ def validate(cfg: Config) -> Config:
         ok = value > bound if op == ">" else value >= bound
         if not ok:
             raise ConfigError(f"{key}: {value!r} is out of range; it must be {op} {bound}")
-    if not 0 <= cfg.data.worker_nice <= 19:
-        raise ConfigError(
-            f"data.worker_nice: {cfg.data.worker_nice!r} is out of range; it must be in 0..19 (0 = unchanged)"
-        )
+    try:
+        check_worker_nice(cfg.data.worker_nice, "data.worker_nice")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if not cfg.data.train_source and not cfg.data.lfw_dir:
         raise ConfigError(
             "data.train_source or data.lfw_dir must be set (a folder, parquet file or Hub dataset)"
