@@ -25,7 +25,7 @@ except ImportError:  # run from a checkout without installing the package
     sys.path.insert(0, str(ROOT))
 
 SAMPLE_DIR = ROOT / "data" / "lfw_sample"
-SHARED_LFW = Path("/work/shared/data/lfw")
+SHARED_LFW = ROOT.parent / "shared" / "data" / "lfw"  # the shared data folder beside the checkout
 
 # LFW deep-funneled images are 250 x 250; facenet_hf's face_crop(fraction=0.6) keeps the central 150 px.
 LFW_SIDE = 250

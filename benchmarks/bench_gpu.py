@@ -36,7 +36,7 @@ import _common as C
 from facenet_hf.config import TrainConfig
 from facenet_hf.losses import TripletLoss
 from facenet_hf.model import FaceNet
-from facenet_hf.optim import build_optimizer
+from facenet_hf.training.optim import build_optimizer
 
 RECIPE_PK = {112: (16, 4), 224: (8, 8)}  # the recipes' P x K; other sizes get 16 x 4
 FULL = {

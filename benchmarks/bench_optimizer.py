@@ -25,7 +25,7 @@ import _common as C
 
 from facenet_hf.config import TrainConfig
 from facenet_hf.model import FaceNet
-from facenet_hf.optim import build_optimizer, param_groups
+from facenet_hf.training.optim import build_optimizer, param_groups
 
 FULL = {"backbone": "resnet18", "repeats": 15}
 QUICK = {"backbone": "test_resnet", "repeats": 3}

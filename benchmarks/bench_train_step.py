@@ -3,7 +3,7 @@
 Three ways to train the same model (same timm backbone + embedding head, resolution, P x K, optimizer family,
 precision and channels_last), measured in one invocation:
 
-* ``full``: ``facenet_hf.engine.train(cfg)`` with ``train.max_steps = warmup + steps`` on the real LFW files:
+* ``full``: ``facenet_hf.training.train(cfg)`` with ``train.max_steps = warmup + steps`` on the real LFW files:
   ``load_source`` + ``identity_disjoint_split`` (people outside the held-out fold) + ``PKBatchSampler`` +
   ``BatchTransform`` (decode + the default train augmentations) in DataLoader workers, accelerate, semihard
   ``TripletLoss``, AdamW, lr schedule, logging. Images/s come from ``metrics.jsonl``: the ``elapsed`` training
@@ -50,9 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
 
 from facenet_hf.config import Config, load_config
-from facenet_hf.engine import build_data, build_model, train
 from facenet_hf.losses import TripletLoss
-from facenet_hf.optim import build_optimizer
+from facenet_hf.training import train
+from facenet_hf.training.build import build_data, build_model
+from facenet_hf.training.optim import build_optimizer
 
 METHODS = ("full", "full_nice0", "floor", "reference")
 DEFAULT_METHODS = ("full", "floor", "reference")

@@ -1,7 +1,9 @@
 """One typed configuration: dataclass defaults < YAML file < dotted overrides (``train.lr=1e-3``).
 
 Every key is checked: an unknown key fails with the nearest valid one, a value of the wrong type or out of
-range fails with the key, the value and what would be valid. ``save_config`` writes the resolved config
+range fails with the key, the value and what would be valid. Validity depends on the file alone, never on the
+machine reading it (whether fp16 has a GPU is checked where the run is built); this module imports neither torch
+nor the data stack. ``save_config`` writes the resolved config
 beside a run's outputs so the run can be reproduced with ``--config <run>/config.yaml``.
 """
 
@@ -17,8 +19,23 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from facenet_hf.data.transforms import DEFAULT_EVAL_STEPS, DEFAULT_TRAIN_STEPS
-from facenet_hf.data.workers import check_worker_nice
+from facenet_hf.constants import (
+    DEFAULT_EVAL_STEPS,
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_TRAIN_STEPS,
+    DEFAULT_WORKER_NICE,
+    BadImagePolicy,
+    FlipMode,
+    MiningMode,
+    MixedPrecision,
+    NonFinitePolicy,
+    Normalization,
+    OptimizerName,
+    PrescanMode,
+    SchedulerName,
+    check_worker_nice,
+)
+from facenet_hf.fileio import atomic_write_text
 
 
 class ConfigError(ValueError):
@@ -31,9 +48,9 @@ class ModelConfig:
     embedding_dim: int = 128
     head_bn: bool = True  # BatchNorm1d after the linear head (before L2 normalisation)
     dropout: float = 0.0
-    image_size: int = 112
+    image_size: int = DEFAULT_IMAGE_SIZE
     pretrained_weights: str | None = None  # local .safetensors with backbone (e.g. ImageNet) weights
-    normalization: Literal["backbone", "fixed"] = "backbone"  # backbone mean/std or FaceNet's (x-127.5)/128
+    normalization: Normalization = "backbone"  # backbone mean/std or FaceNet's (x-127.5)/128
 
 
 @dataclass
@@ -51,29 +68,29 @@ class DataConfig:
     # K "images" being augmented copies of one photo: negatives for everyone, augmentation-only positives)
     replacement: bool = True  # identities with < k images are sampled with replacement (else dropped)
     num_workers: int = 2
-    worker_nice: int = 19  # added to the DataLoader workers' niceness (0..19): they yield cores to the model
+    worker_nice: int = DEFAULT_WORKER_NICE  # added to the DataLoader workers' niceness (0..19): they yield cores to the model
     train_transforms: list = field(default_factory=lambda: list(DEFAULT_TRAIN_STEPS))
     eval_transforms: list = field(default_factory=lambda: list(DEFAULT_EVAL_STEPS))
-    bad_images: Literal["skip", "error"] = "skip"  # what an unusable image file does (docs/robustness.md)
-    prescan: Literal["off", "header", "decode"] = "header"  # check every training image before training
+    bad_images: BadImagePolicy = "skip"  # what an unusable image file does (docs/robustness.md)
+    prescan: PrescanMode = "header"  # check every training image before training
     max_bad_fraction: float = 0.5  # refuse to train when more of the files are bad (0..1)
 
 
 @dataclass
 class LossConfig:
     margin: float = 0.2
-    mining: Literal["semihard", "batch_hard", "batch_all"] = "semihard"
+    mining: MiningMode = "semihard"
     squared: bool = True  # squared Euclidean distance (FaceNet) or plain Euclidean
     global_mining: bool = False  # mine over the batch gathered from all processes
 
 
 @dataclass
 class TrainConfig:
-    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
+    optimizer: OptimizerName = "adamw"
     lr: float = 1e-3
     weight_decay: float = 5e-4  # not applied to norms and biases
     momentum: float = 0.9  # sgd only
-    scheduler: Literal["cosine", "step", "constant"] = "cosine"
+    scheduler: SchedulerName = "cosine"
     warmup_steps: int = 100
     step_every: int = 1000  # step scheduler: decay every N steps
     step_gamma: float = 0.1
@@ -82,16 +99,16 @@ class TrainConfig:
     time_budget_minutes: float | None = None  # stop (and evaluate) after this much training time
     grad_accum: int = 1
     grad_clip: float | None = None  # max gradient norm (unscaled), None = off
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: MixedPrecision = "no"  # fp16 needs a CUDA GPU (checked by train)
     channels_last: bool = False
     seed: int = 0
     log_every: int = 10
     eval_every_epochs: int = 1  # 0 = only at the end
-    eval_flip: Literal["off", "sum", "concat"] = "sum"  # flip test-time augmentation
+    eval_flip: FlipMode = "sum"  # flip test-time augmentation
     eval_batch_size: int = 128
     checkpoint_every_steps: int = 0  # 0 = only at epoch ends
     keep_checkpoints: int = 2
-    nonfinite_loss: Literal["skip", "error"] = "skip"  # what a NaN/Inf loss does
+    nonfinite_loss: NonFinitePolicy = "skip"  # what a NaN/Inf loss does
     ema_decay: float = 0.0  # weight EMA (e.g. 0.998) evaluated and saved instead of the live weights; 0 = off
 
 
@@ -278,17 +295,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             "data.pairs needs data.lfw_dir (the folder holding the pair images Name/Name_NNNN.jpg)"
         )
-    if cfg.train.mixed_precision == "fp16" and not _cuda_available():
-        raise ConfigError(
-            "train.mixed_precision: 'fp16' needs a CUDA GPU (none found); use 'bf16' on CPU or 'no'"
-        )
     return cfg
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -319,7 +326,4 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -20,6 +20,8 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
 
+from facenet_hf.constants import DEFAULT_IMAGE_SIZE
+from facenet_hf.fileio import atomic_path
 from facenet_hf.model import InvalidConfigError, validate_config
 
 __all__ = ["CARD_TAGS", "PushError", "published_files", "push_model", "write_model_card"]
@@ -73,9 +75,8 @@ def write_model_card(
     body = _card_body(model_dir, name, config, report, train_config, training_info, repo_id, roc)
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")  # parses it back: a malformed card fails here
     path = model_dir / "README.md"
-    tmp = model_dir / ".README.md.tmp"
-    tmp.write_text(str(card), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(str(card), encoding="utf-8")
     return path
 
 
@@ -99,9 +100,8 @@ def _place_roc(model_dir: Path, roc_image: str | os.PathLike | None) -> str | No
     root = model_dir.resolve()
     if src.is_relative_to(root):
         return src.relative_to(root).as_posix()
-    tmp = model_dir / ".lfw_roc.png.tmp"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, model_dir / "lfw_roc.png")
+    with atomic_path(model_dir / "lfw_roc.png") as tmp:
+        shutil.copyfile(src, tmp)
     return "lfw_roc.png"
 
 
@@ -173,7 +173,7 @@ def _card_body(
     distance = config.get("distance", "squared_euclidean")
     dist_word = _DISTANCE_WORDS.get(distance, distance)
     threshold = config.get("threshold")
-    size = config.get("image_size", 112)
+    size = config.get("image_size", DEFAULT_IMAGE_SIZE)
     mining = ((train_config or {}).get("loss") or {}).get("mining")
     flip = (report or {}).get("flip") or "sum"
     params = _param_count(model_dir)

@@ -64,15 +64,17 @@ import math
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MINING_MODES", "TripletLoss", "pairwise_distances"]
+from facenet_hf.constants import MINING_MODES
 
-MINING_MODES = ("semihard", "batch_hard", "batch_all")
+__all__ = ["MINING_MODES", "SEMIHARD_IMPLS", "CPUTuning", "TripletLoss", "pairwise_distances", "sort_rows"]
+
 _STAT_KEYS = ("frac_active", "mean_pos_dist", "mean_neg_dist", "num_triplets")
 
 # Sort keys are int64: [31 bits: float32 distance bits][1 bit: tie-break][31 bits: column index] (dense semihard,
@@ -84,8 +86,15 @@ _ABS_MASK = 0x7FFFFFFF
 _INF_BITS = 0x7F800000
 _LAST_KEY = 0x7FFFFFFF << 32  # + column: above every distance's key, NaN included
 _TIE_BIT_I32 = -(1 << 31)  # bit 31 of the low word, as an int32
-_MIN_ROWS_PER_THREAD = 256
-_DENSE_S_RATIO = 32  # _PairSum's backward on CPU: S dense while B^2 <= this x its non-zeros, else sparse
+SEMIHARD_IMPLS = ("auto", "dense", "compact")
+
+
+@dataclass(frozen=True)
+class CPUTuning:
+    """How the CPU paths split their work (the defaults are measured: docs/benchmarks.md)."""
+
+    min_rows_per_thread: int = 256  # rows per thread of the threaded NumPy sort (fewer: one thread)
+    dense_pair_grad_ratio: float = 32  # the pair gradient's S is dense while B^2 <= this x its non-zeros
 
 
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -153,14 +162,17 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
     return _POOL[2]
 
 
-def _sort_rows(key: Tensor) -> Tensor:
-    """Sort each row of an int64 key matrix (keys are unique, so the order is deterministic)."""
+def sort_rows(key: Tensor, *, min_rows_per_thread: int = 256, threads: int | None = None) -> Tensor:
+    """Sort each row of an int64 key matrix in place (keys are unique, so the order is deterministic).
+
+    On CPU the rows are split over ``threads`` (default: torch's thread count) NumPy sorts, at least
+    ``min_rows_per_thread`` rows each."""
     if key.device.type != "cpu":
         return torch.sort(key, dim=1).values
     # On CPU NumPy's SIMD sort is ~10x faster than torch.sort; rows are sorted in place, in torch's thread count.
     out = key.numpy()
     rows = out.shape[0]
-    workers = min(torch.get_num_threads(), rows // _MIN_ROWS_PER_THREAD)
+    workers = min(threads or torch.get_num_threads(), rows // max(1, min_rows_per_thread))
     if workers <= 1:
         out.sort(axis=1)
     else:
@@ -204,9 +216,10 @@ class _PairSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, emb, dist, i, j, w, offset, squared):
+    def forward(ctx, emb, dist, i, j, w, offset, squared, dense_ratio):
         ctx.save_for_backward(emb, dist, i, j, w)
         ctx.squared = squared
+        ctx.dense_ratio = dense_ratio
         return (torch.dot(w, dist) + offset).clamp_min(0.0)
 
     @staticmethod
@@ -219,13 +232,13 @@ class _PairSum(torch.autograd.Function):
         rows, cols = torch.cat([i, j]), torch.cat([j, i])
         cc = torch.cat([c, c])
         degree = torch.zeros(b, dtype=emb.dtype, device=emb.device).index_add_(0, rows, cc)
-        if emb.device.type == "cpu" and b * b > _DENSE_S_RATIO * rows.numel():  # large and sparse
+        if emb.device.type == "cpu" and b * b > ctx.dense_ratio * rows.numel():  # large and sparse
             s = torch.sparse_coo_tensor(torch.stack([rows, cols]), cc, (b, b), check_invariants=False)
             s_e = torch.sparse.mm(s, emb)
         else:  # S as a dense B x B matrix: faster for small B, and on accelerators (no host sync)
             s = torch.zeros(b * b, dtype=emb.dtype, device=emb.device).index_add_(0, rows * b + cols, cc)
             s_e = s.view(b, b) @ emb
-        return 2 * (degree.unsqueeze(1) * emb - s_e), None, None, None, None, None, None
+        return 2 * (degree.unsqueeze(1) * emb - s_e), None, None, None, None, None, None, None
 
 
 def _label_counts(labels: Tensor) -> Tensor:
@@ -244,20 +257,22 @@ class _Mined(NamedTuple):
     num_triplets: Tensor
 
 
-def _semihard_sorted(dd: Tensor, same: Tensor) -> Tensor:
+def _semihard_sorted(dd: Tensor, same: Tensor, tuning: CPUTuning) -> Tensor:
     """Rows of int64 keys sorted by distance, negatives before positives on ties, self last.
 
     So a negative that comes after a positive is strictly farther than it. Tie bit set = positive.
     """
     key = _pack_keys(dd, same)
     _set_diagonal_keys(key, tie=False)  # self: an infinitely far negative, never reached
-    return _sort_rows(key)
+    return sort_rows(key, min_rows_per_thread=tuning.min_rows_per_thread)
 
 
-def _semihard_dense(d: Tensor, dd: Tensor, same: Tensor, n_neg: Tensor, margin: float) -> _Mined:
+def _semihard_dense(
+    d: Tensor, dd: Tensor, same: Tensor, n_neg: Tensor, margin: float, tuning: CPUTuning
+) -> _Mined:
     """Semihard selection with fixed-shape B x B tensors only (no host sync: for accelerators)."""
     b = d.shape[0]
-    ks = _semihard_sorted(dd, same)
+    ks = _semihard_sorted(dd, same, tuning)
     col_s = ks & _COL_MASK
     is_pos_s = _tie_flags(ks)
     is_neg_s = ~is_pos_s
@@ -306,7 +321,7 @@ def _groups_np(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _semihard_compact(
-    emb: Tensor, dd: Tensor, labels: Tensor, margin: float, squared: bool
+    emb: Tensor, dd: Tensor, labels: Tensor, margin: float, squared: bool, tuning: CPUTuning
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Semihard loss and stats on CPU: one sort of the negatives, then work on the anchor-positive pairs only.
 
@@ -325,7 +340,7 @@ def _semihard_compact(
     diag = np.arange(b)
     flat[ap] = _LAST_KEY + p
     flat[diag * (b + 1)] = _LAST_KEY + diag
-    ks = _sort_rows(key)
+    ks = sort_rows(key, min_rows_per_thread=tuning.min_rows_per_thread)
     d = dd.numpy()
     d_ap = d.reshape(-1)[ap]
     # Keys below (bits(d_ap) + 1) << 32 are the negatives with d <= d_ap (+ 0.0 turns a -0.0 into +0.0).
@@ -348,6 +363,7 @@ def _semihard_compact(
         torch.from_numpy(np.concatenate([w, -w])),
         margin * n_active,
         squared,
+        tuning.dense_pair_grad_ratio,
     )
     # Stats, as _stats computes them.
     has_neg, has_pos = n_neg > 0, n_pos > 0
@@ -366,7 +382,14 @@ def _semihard_compact(
 
 
 def _batch_hard(
-    emb: Tensor, dd: Tensor, same: Tensor, n_pos: Tensor, n_neg: Tensor, margin: float, squared: bool
+    emb: Tensor,
+    dd: Tensor,
+    same: Tensor,
+    n_pos: Tensor,
+    n_neg: Tensor,
+    margin: float,
+    squared: bool,
+    tuning: CPUTuning,
 ) -> _Mined:
     """Hardest positive and hardest negative of each anchor; the gradient flows through those 2B pairs only."""
     b = dd.shape[0]
@@ -386,19 +409,22 @@ def _batch_hard(
         torch.cat([w, -w]),
         margin * n_active.to(dd.dtype),
         squared,
+        tuning.dense_pair_grad_ratio,
     )
     n_used = used.sum()
     return _Mined(loss_sum, n_used, n_active, n_used, n_used)
 
 
-def _batch_all(d: Tensor, dd: Tensor, same: Tensor, n_pos: Tensor, n_neg: Tensor, margin: float) -> _Mined:
+def _batch_all(
+    d: Tensor, dd: Tensor, same: Tensor, n_pos: Tensor, n_neg: Tensor, margin: float, tuning: CPUTuning
+) -> _Mined:
     """All valid triplets, averaged over the active ones, in O(B^2) memory."""
     # Merge, per row, the thresholds d(a,p) + margin of the positives with the distances d(a,n) of the negatives.
     # (a,p,n) is active iff d(a,n) < d(a,p) + margin: on ties the threshold sorts first (tie bit 0 = positive).
     values = torch.where(same, dd + margin, dd)
     key = _pack_keys(values, ~same)
     _set_diagonal_keys(key, tie=True)  # self: an infinitely far "negative", active for no pair
-    ks = _sort_rows(key)
+    ks = sort_rows(key, min_rows_per_thread=tuning.min_rows_per_thread)
     col_s = ks & _COL_MASK
     is_neg_s = _tie_flags(ks)
     is_pos_s = ~is_neg_s
@@ -420,7 +446,15 @@ class TripletLoss(nn.Module):
     See the module docstring for the exact rule of each mining mode and the meaning of the stats.
     """
 
-    def __init__(self, margin: float = 0.2, mining: str = "semihard", squared: bool = True) -> None:
+    def __init__(
+        self,
+        margin: float = 0.2,
+        mining: str = "semihard",
+        squared: bool = True,
+        *,
+        semihard: str = "auto",
+        cpu_tuning: CPUTuning | None = None,
+    ) -> None:
         super().__init__()
         try:
             margin_f = float(margin)
@@ -433,11 +467,15 @@ class TripletLoss(nn.Module):
         self.margin = margin_f
         self.mining = mining
         self.squared = bool(squared)
-        # Semihard implementation: None = by device (compact on CPU, dense elsewhere); tests force either.
-        self._semihard_dense: bool | None = None
+        if semihard not in SEMIHARD_IMPLS:
+            raise ValueError(f"semihard must be one of {SEMIHARD_IMPLS}, got {semihard!r}")
+        # "auto": by device (compact on CPU, dense elsewhere); both select the same triplets
+        self.semihard = semihard
+        self.cpu_tuning = cpu_tuning or CPUTuning()
 
     def extra_repr(self) -> str:
-        return f"margin={self.margin}, mining={self.mining!r}, squared={self.squared}"
+        extra = f", semihard={self.semihard!r}" if self.semihard != "auto" else ""
+        return f"margin={self.margin}, mining={self.mining!r}, squared={self.squared}{extra}"
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Loss (0-d float32) and detached stats for ``embeddings`` [B, D] with integer ``labels`` [B]."""
@@ -460,11 +498,12 @@ class TripletLoss(nn.Module):
         if b == 0:  # nothing to mine (and argmax/argmin reject empty rows)
             zero = torch.zeros((), dtype=torch.float32, device=emb.device)
             return emb.sum(), dict.fromkeys(_STAT_KEYS, zero)
-        dense = self._semihard_dense if self._semihard_dense is not None else emb.device.type != "cpu"
+        tuning = self.cpu_tuning
+        dense = emb.device.type != "cpu" if self.semihard == "auto" else self.semihard == "dense"
         if self.mining == "semihard" and not dense:
             with torch.no_grad():
                 dd = _distances(emb, self.squared)
-            return _semihard_compact(emb, dd, labels, m, self.squared)
+            return _semihard_compact(emb, dd, labels, m, self.squared, tuning)
         counts = _label_counts(labels)
         n_pos = counts - 1
         n_neg = b - counts
@@ -472,14 +511,14 @@ class TripletLoss(nn.Module):
         if self.mining == "batch_hard":
             with torch.no_grad():
                 dd = _distances(emb, self.squared)
-            mined = _batch_hard(emb, dd, same, n_pos, n_neg, m, self.squared)
+            mined = _batch_hard(emb, dd, same, n_pos, n_neg, m, self.squared, tuning)
         else:
             d = _distances(emb, self.squared)
             dd = d.detach()
             if self.mining == "semihard":
-                mined = _semihard_dense(d, dd, same, n_neg, m)
+                mined = _semihard_dense(d, dd, same, n_neg, m, tuning)
             else:
-                mined = _batch_all(d, dd, same, n_pos, n_neg, m)
+                mined = _batch_all(d, dd, same, n_pos, n_neg, m, tuning)
         loss = mined.loss_sum / mined.n_loss.clamp_min(1).to(torch.float32)
         return loss.float(), _stats(dd, same, n_pos, n_neg, mined)
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from facenet_hf.cli import parse_train_config, setup_logging, train_parser
+from facenet_hf.cli.common import setup_logging
+from facenet_hf.cli.train import parse_train_config, train_parser
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "lfw" / "r18_lfw_112_cpu5m.yaml"
 
@@ -51,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [k for k in args.folds if not 1 <= k <= 10]
     if bad:
         parser.error(f"--folds: {bad} are not LFW folds (1-10)")
-    from facenet_hf.engine import train
     from facenet_hf.evaluation.plots import plot_fold_accuracies
+    from facenet_hf.training import train
 
     setup_logging()
     root = Path(cfg.output_dir)

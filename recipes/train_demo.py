@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from facenet_hf.cli import parse_train_config, run_training, train_parser
+from facenet_hf.cli.train import parse_train_config, run_training, train_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "demo" / "lfw_sample.yaml"

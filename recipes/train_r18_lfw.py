@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from facenet_hf.cli import parse_train_config, run_training, train_parser
+from facenet_hf.cli.train import parse_train_config, run_training, train_parser
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "lfw" / "r18_lfw_112_cpu30m.yaml"
 

@@ -6,11 +6,12 @@ Each process writes ``OUT/rank{R}.json`` with what it saw; the tests compare the
 expected values in one process. Modes:
 
 ``train OUT ARGV...``
-    The real entry point (``recipes/train_r18_lfw.py``'s ``main(ARGV)``), instrumented: every micro-batch's
-    image paths and labels, the epoch / batch counters, ``sync_gradients``, and a hash of the parameters after
-    each optimizer step; which rank called the functions that write files.
+    The recipes' entry point (their parser and ``run_training``) with a recording callback (the public
+    ``facenet_hf.training.Callback``): every micro-batch's image paths and labels, the epoch / batch counters,
+    ``sync_gradients``, and a hash of the parameters after each optimizer step; and, through an audit hook, every
+    file each rank writes under the run's folder.
 ``step OUT``
-    ``facenet_hf.engine._train_step`` on a ``Linear`` model with fixed random inputs, twice: ``global`` = one
+    ``facenet_hf.training.train_step`` on a ``Linear`` model with fixed random inputs, twice: ``global`` = one
     step with ``loss.global_mining=true``; ``accum`` = ``train.grad_accum=2`` (two micro-batches per rank) with
     the DDP all-reduce calls counted per micro-step, then one step where a single rank's loss is NaN.
 ``eval OUT``
@@ -46,60 +47,71 @@ def _write(out: Path, rank: int, record: dict) -> None:
 
 
 def run_train(out: Path, argv: list[str]) -> None:
+    """The recipes' parser and ``run_training`` with a recording callback; file writes seen by an audit hook."""
     from accelerate.state import PartialState
-    from conftest import load_recipe
 
-    import facenet_hf.engine as engine
-    from facenet_hf.model import FaceNet
+    from facenet_hf.cli.train import parse_train_config, run_training, train_parser
+    from facenet_hf.training import Callback
 
     calls: list[dict] = []
-    writes: list[str] = []
 
-    class PathBatchTransform(engine.BatchTransform):
-        """Also hands each row's relative path through the batch (``collate_batch`` keeps lists)."""
+    class Recorder(Callback):
+        def on_batch(self, run, batch):
+            calls.append(
+                {
+                    "epoch": run.state.epoch,
+                    "batch_in_epoch": run.state.batches_in_epoch,  # already counts this batch
+                    "paths": list(batch["path"]),
+                    "labels": batch["labels"].tolist(),
+                }
+            )
 
-        def __call__(self, batch):
-            result = super().__call__(batch)
-            result["path"] = list(batch["path"])
-            return result
+        def on_step_end(self, run, batch, stats):
+            calls[-1]["sync"] = bool(run.accelerator.sync_gradients)
+            calls[-1]["param_hash"] = param_hash(run.model)
+            calls[-1]["loss"] = float(stats["loss"])
 
-    original_step = engine._train_step
-
-    def recording_step(batch, model, optimizer, loss_fn, accelerator, cfg, state, total_steps):
-        record = {
-            "epoch": state.epoch,
-            "batch_in_epoch": state.batches_in_epoch,  # already counts this batch
-            "paths": list(batch["path"]),
-            "labels": batch["labels"].tolist(),
-        }
-        stats = original_step(batch, model, optimizer, loss_fn, accelerator, cfg, state, total_steps)
-        record["sync"] = bool(accelerator.sync_gradients)
-        record["param_hash"] = param_hash(model)
-        record["loss"] = float(stats["loss"])
-        calls.append(record)
-        return stats
-
-    def spy(name: str, fn):
-        def wrapper(*args, **kwargs):
-            writes.append(name)
-            return fn(*args, **kwargs)
-
-        return wrapper
-
-    engine.BatchTransform = PathBatchTransform
-    engine._train_step = recording_step
-    engine.write_report = spy("write_report", engine.write_report)
-    engine.save_config = spy("save_config", engine.save_config)
-    engine.checkpoint.finalize = spy("finalize", engine.checkpoint.finalize)
-    FaceNet.save_pretrained = spy("save_pretrained", FaceNet.save_pretrained)
-
-    rc = load_recipe("train_r18_lfw").main(argv)
+    cfg, args = parse_train_config(argv, train_parser(prog="dist_worker.py"))
+    run_dir = Path(cfg.output_dir).resolve()
+    writes = _record_writes(run_dir)
+    rc = run_training(cfg, args, callbacks=[Recorder()])
     state = PartialState()
     _write(
         out,
         state.process_index,
-        {"rc": rc, "num_processes": state.num_processes, "calls": calls, "writes": writes},
+        {"rc": rc, "num_processes": state.num_processes, "calls": calls, "writes": sorted(set(writes))},
     )
+
+
+def _record_writes(root: Path) -> list[str]:
+    """Paths under ``root`` (relative) that this process opens for writing or renames into (``sys.addaudithook``:
+    every Python-level ``open`` and ``os.rename``/``os.replace``, whoever calls them)."""
+    import os
+
+    seen: list[str] = []
+
+    def rel(path) -> str | None:
+        try:
+            p = Path(os.fsdecode(path)).resolve()
+        except (TypeError, ValueError, OSError):
+            return None
+        return p.relative_to(root).as_posix() if p.is_relative_to(root) else None
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            mode, flags = args[1], args[2]
+            writing = (
+                any(c in mode for c in "wax+")
+                if isinstance(mode, str)
+                else bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+            )
+            if writing and (r := rel(args[0])) is not None:
+                seen.append(r)
+        elif event == "os.rename" and (r := rel(args[1])) is not None:
+            seen.append(r)
+
+    sys.addaudithook(hook)
+    return seen
 
 
 # ------------------------------------------------------------------------------------------------------- step
@@ -140,12 +152,12 @@ def step_config(global_mining: bool, grad_accum: int):
 
 def run_step(out: Path) -> None:
     """Both step checks, one after the other in the same processes (one launch)."""
-    from facenet_hf.engine import _release
+    from facenet_hf.training import reset_accelerate_state
 
     record: dict = {}
     for kind in ("global", "accum"):
         record[kind], accelerator = _one_step_check(kind)
-        _release(accelerator)
+        reset_accelerate_state(accelerator)
     _write(out, record["global"]["rank"], record)
 
 
@@ -154,8 +166,8 @@ def _one_step_check(kind: str):
     from accelerate.utils import set_seed
 
     from facenet_hf.losses import TripletLoss
-    from facenet_hf.step import train_step as _train_step
-    from facenet_hf.train_state import TrainState
+    from facenet_hf.training import train_step
+    from facenet_hf.training.state import TrainState
 
     grad_accum = 2 if kind == "accum" else 1
     cfg = step_config(global_mining=kind == "global", grad_accum=grad_accum)
@@ -185,7 +197,7 @@ def _one_step_check(kind: str):
             "valid": torch.ones(STEP_P * STEP_K, dtype=torch.bool),
         }
         allreduces.append(0)
-        stats = _train_step(batch, model, optimizer, loss_fn, accelerator, cfg, state, 10)
+        stats = train_step(batch, model, optimizer, loss_fn, accelerator, cfg, state, 10)
         record["micro"].append(
             {
                 "sync": bool(accelerator.sync_gradients),
@@ -206,7 +218,7 @@ def _one_step_check(kind: str):
                 "labels": labels[m, rank],
                 "valid": torch.ones(len(xm), dtype=torch.bool),
             }
-            _train_step(batch, model, optimizer, loss_fn, accelerator, cfg, state, 10)
+            train_step(batch, model, optimizer, loss_fn, accelerator, cfg, state, 10)
         record["nan_unchanged"] = param_hash(model) == before
         record["skipped_nonfinite"] = state.skipped_nonfinite
     return record, accelerator
@@ -226,7 +238,7 @@ def eval_pairs():
 
 def eval_model():
     from facenet_hf.config import Config
-    from facenet_hf.engine import build_model
+    from facenet_hf.training.build import build_model
 
     cfg = Config()
     cfg.model.backbone = "test_resnet"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from facenet_hf import checkpoint
-from facenet_hf.checkpoint import CheckpointError
+from facenet_hf.training import checkpoint
+from facenet_hf.training.checkpoint import CheckpointError
 
 
 def _make(root, step, payload=b"x" * 100):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from facenet_hf.cli import overrides_from_argv
+from facenet_hf.cli.common import overrides_from_argv
 from facenet_hf.config import Config, ConfigError, all_keys, load_config, save_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,13 +90,19 @@ def test_missing_data_and_holdout_without_pairs():
     assert load_config(None, [*BASE, "data.prescan=off"]).data.prescan == "off"
 
 
-def test_fp16_on_cpu_refused():
+def test_fp16_config_is_valid_anywhere_and_refused_by_train_without_a_gpu(tmp_path):
     import torch
 
+    from facenet_hf.training import train
+
+    # a config file means the same on every machine: the GPU question is asked where the run is built
+    cfg = load_config(None, [*BASE, "train.mixed_precision=fp16", f"output_dir={tmp_path / 'run'}"])
+    assert cfg.train.mixed_precision == "fp16"
     if torch.cuda.is_available():
-        pytest.skip("a GPU is present")
+        pytest.skip("a GPU is present: fp16 trains")
     with pytest.raises(ConfigError, match="fp16.*needs a CUDA GPU.*bf16"):
-        load_config(None, [*BASE, "train.mixed_precision=fp16"])
+        train(cfg)
+    assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
 def test_saved_config_reloads_identically(tmp_path):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from facenet_hf.config import ConfigError, load_config
-from facenet_hf.ema import ModelEMA
+from facenet_hf.training.ema import ModelEMA
 
 
 def _net() -> nn.Module:
@@ -126,7 +126,7 @@ def test_average_of_an_accelerate_prepared_bf16_model_runs_its_own_weights() -> 
     """accelerate patches ``forward`` (autocast) on the prepared model: the copy must call its own weights."""
     from accelerate import Accelerator
 
-    from facenet_hf.engine import _release
+    from facenet_hf.training import reset_accelerate_state
 
     accelerator = Accelerator(cpu=True, mixed_precision="bf16")
     try:
@@ -144,4 +144,4 @@ def test_average_of_an_accelerate_prepared_bf16_model_runs_its_own_weights() -> 
         torch.testing.assert_close(averaged, expected)
         assert not torch.allclose(live, averaged, atol=1e-2)
     finally:
-        _release(accelerator)
+        reset_accelerate_state(accelerator)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from conftest import SAMPLE
 
 from facenet_hf import FaceNet
 from facenet_hf.evaluation.embed import embed_files
+from facenet_hf.training import reset_accelerate_state
 
 
 def _files(n: int) -> list[str]:
@@ -38,5 +38,4 @@ def test_evaluation_loader_does_not_join_the_training_state():
     for _ in range(2):
         emb = embed_files(model, _files(8), batch_size=4, progress=False, accelerator=accelerator)
     assert emb.shape == (8, 16) and len(accelerator._dataloaders) == before
-    AcceleratorState._reset_state()  # let later tests build accelerators with other precisions
-    GradientState._reset_state()
+    reset_accelerate_state(accelerator)  # let later tests build accelerators with other precisions

@@ -378,13 +378,13 @@ def test_failed_commit_raises_push_error_and_leaves_folder_untouched(hub, online
     assert _folder_state(model_dir) == before
 
 
-def test_push_errors_are_actionable(hub, online, model_dir, monkeypatch):
+def test_push_errors_are_actionable(hub, online, model_dir, monkeypatch, tmp_path):
     before = _folder_state(model_dir)
     with pytest.raises(PushError, match=r"refused the token \(401\).*hf auth login"):
         push_model(model_dir, REPO, token="hf_wrong", endpoint=hub.url)
-    import facenet_hf.hub as hub_module
-
-    monkeypatch.setattr(hub_module, "get_token", lambda: None)
+    monkeypatch.delenv("HF_TOKEN", raising=False)  # no token anywhere: not in the environment, no saved login
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
     with pytest.raises(PushError, match=r"no Hugging Face token: run `hf auth login`, set HF_TOKEN"):
         push_model(model_dir, REPO, endpoint=hub.url)
     url = hub.url

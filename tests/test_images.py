@@ -16,8 +16,6 @@ from PIL import Image, ImageFile
 
 from facenet_hf.data.images import ALPHA_BACKGROUND, BadImageError, check_image, load_image, to_rgb
 
-LFW_DIR = Path("/work/shared/data/lfw/lfw-deepfunneled")
-
 
 def _noise(w: int, h: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
@@ -151,10 +149,9 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     assert load_image(Image.open(path)).size == (20, 40)  # same for a PIL image opened by the caller
 
 
-def test_real_lfw_image() -> None:
-    files = sorted(LFW_DIR.glob("Aaron_Eckhart/*.jpg")) if LFW_DIR.is_dir() else []
-    if not files:
-        pytest.skip("LFW not available")
+def test_real_lfw_image(lfw_sample: Path) -> None:
+    files = sorted((lfw_sample / "lfw-deepfunneled").glob("*/*.jpg"))
+    assert files, "the bundled LFW sample has no images"
     img = load_image(files[0])
     assert img.mode == "RGB" and img.size == (250, 250)
     assert check_image(files[0]) is None

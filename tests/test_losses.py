@@ -11,8 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.profiler import ProfilerActivity, profile
 
-from facenet_hf import losses
-from facenet_hf.losses import MINING_MODES, TripletLoss, pairwise_distances
+from facenet_hf.losses import MINING_MODES, CPUTuning, TripletLoss, pairwise_distances, sort_rows
 
 STAT_KEYS = {"frac_active", "mean_pos_dist", "mean_neg_dist", "num_triplets"}
 
@@ -93,6 +92,11 @@ def reference(
     return loss.item(), e.grad, stats
 
 
+def _impl(dense: bool | None) -> str:
+    """The ``semihard`` constructor argument: None = by device, True = dense, False = compact (CPU)."""
+    return "auto" if dense is None else "dense" if dense else "compact"
+
+
 def _run(
     emb: torch.Tensor,
     labels: torch.Tensor,
@@ -100,10 +104,11 @@ def _run(
     mining: str,
     squared: bool,
     dense: bool | None = None,
+    tuning: CPUTuning | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     x = emb.detach().clone().requires_grad_(True)
-    loss_fn = TripletLoss(margin=margin, mining=mining, squared=squared)
-    loss_fn._semihard_dense = dense
+    loss_fn = TripletLoss(margin=margin, mining=mining, squared=squared, cpu_tuning=tuning)
+    loss_fn.semihard = _impl(dense)
     loss, stats = loss_fn(x, labels)
     loss.backward()
     return loss, x.grad, stats
@@ -136,8 +141,8 @@ LAYOUTS = {
 IMPLS = [("semihard", None), ("semihard", True), ("batch_hard", None), ("batch_all", None)]
 
 
-def _check_against_reference(emb, labels, margin, mining, squared, dense, grad_rtol=1e-4):
-    loss, grad, stats = _run(emb, labels, margin, mining, squared, dense)
+def _check_against_reference(emb, labels, margin, mining, squared, dense, grad_rtol=1e-4, tuning=None):
+    loss, grad, stats = _run(emb, labels, margin, mining, squared, dense, tuning)
     ref_loss, ref_grad, ref_stats = reference(emb, labels, margin, mining, squared)
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert loss.item() == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
@@ -193,15 +198,15 @@ def test_autocast_does_not_change_the_result(mining):
     assert auto.item() == plain.item()
 
 
-def test_dense_and_compact_semihard_agree_on_a_large_batch(monkeypatch):
-    # Large enough for the threaded CPU sort; a shuffled P x K batch plus a few singletons.
-    monkeypatch.setattr(losses, "_MIN_ROWS_PER_THREAD", 16)
+def test_dense_and_compact_semihard_agree_on_a_large_batch():
+    # Large enough for the threaded CPU sort (16 rows a thread); a shuffled P x K batch plus a few singletons.
+    tuning = CPUTuning(min_rows_per_thread=16)
     labels = torch.cat([_pk(40, 7), torch.arange(100, 110)])
     labels = labels[torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(0))]
     emb = _unit(labels.numel(), 16, seed=11)
     for squared in (True, False):
-        compact = _run(emb, labels, 0.2, "semihard", squared, dense=False)
-        dense = _run(emb, labels, 0.2, "semihard", squared, dense=True)
+        compact = _run(emb, labels, 0.2, "semihard", squared, dense=False, tuning=tuning)
+        dense = _run(emb, labels, 0.2, "semihard", squared, dense=True, tuning=tuning)
         torch.testing.assert_close(compact[0], dense[0], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(compact[1], dense[1], rtol=1e-4, atol=1e-7)
         for key in STAT_KEYS:
@@ -210,21 +215,19 @@ def test_dense_and_compact_semihard_agree_on_a_large_batch(monkeypatch):
 
 @pytest.mark.parametrize("ratio", [0, 10**9], ids=["sparse", "dense"])
 @pytest.mark.parametrize("mining", ["semihard", "batch_hard"])
-def test_pair_gradient_matches_brute_force_with_sparse_and_dense_s(monkeypatch, ratio, mining):
+def test_pair_gradient_matches_brute_force_with_sparse_and_dense_s(ratio, mining):
     # The gradient built from the selected pairs (no backward through the B x B matrix), both ways of forming S.
-    monkeypatch.setattr(losses, "_DENSE_S_RATIO", ratio)
+    tuning = CPUTuning(dense_pair_grad_ratio=ratio)
     labels = _pk(6, 4)[torch.randperm(24, generator=torch.Generator().manual_seed(3))]
     emb = _unit(24, 6, seed=21)
     for squared in (True, False):
-        _check_against_reference(emb, labels, 0.2, mining, squared, None)
+        _check_against_reference(emb, labels, 0.2, mining, squared, None, tuning=tuning)
 
 
-def test_threaded_sort_matches_numpy(monkeypatch):
-    monkeypatch.setattr(losses, "_MIN_ROWS_PER_THREAD", 1)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+def test_threaded_sort_matches_numpy():
     keys = torch.randint(0, 2**62, (37, 29), generator=torch.Generator().manual_seed(0))
     expected = np.sort(keys.numpy(), axis=1)
-    assert np.array_equal(losses._sort_rows(keys.clone()).numpy(), expected)
+    assert np.array_equal(sort_rows(keys.clone(), min_rows_per_thread=1, threads=3).numpy(), expected)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -264,7 +267,7 @@ def test_semihard_negative_must_be_strictly_farther(dense):
     # a=0, p=1 (d=1); negative -1 is exactly as far (d=1), negative 3 farther (d=9): the tie is not "farther".
     emb, labels = _line(0.0, 1.0, -1.0, 3.0), torch.tensor([0, 0, 1, 2])
     loss_fn = TripletLoss(0.2, "semihard")
-    loss_fn._semihard_dense = dense
+    loss_fn.semihard = _impl(dense)
     loss, stats = loss_fn(emb, labels)
     # (a,p) -> n=3 (d=9): 0; (p,a) -> negatives at d=4 and d=4, both farther: 0. Picking the tie would give 0.1.
     assert loss.item() == 0.0
@@ -276,7 +279,7 @@ def test_semihard_fallback_when_no_negative_is_farther(dense):
     emb, labels = _line(0.0, 2.0, 1.0, -1.5), torch.tensor([0, 0, 1, 2])
     # (a,p): d_ap=4, negatives 1 and 2.25 -> farthest 2.25 -> 1.95. (p,a): negatives 1 and 12.25 -> 12.25 -> 0.
     loss_fn = TripletLoss(0.2, "semihard")
-    loss_fn._semihard_dense = dense
+    loss_fn.semihard = _impl(dense)
     loss, _ = loss_fn(emb, labels)
     assert loss.item() == pytest.approx(1.95 / 2, abs=1e-6)
 
@@ -327,7 +330,7 @@ def test_duplicate_embeddings(mining, dense, squared):
 def test_no_valid_triplet_gives_zero_with_gradient(mining, dense, labels):
     emb = _unit(labels.numel(), 4, seed=1).requires_grad_(True)
     loss_fn = TripletLoss(0.2, mining)
-    loss_fn._semihard_dense = dense
+    loss_fn.semihard = _impl(dense)
     loss, stats = loss_fn(emb, labels)
     assert loss.item() == 0.0 and loss.dtype == torch.float32 and loss.dim() == 0
     loss.backward()

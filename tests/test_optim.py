@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from facenet_hf.config import TrainConfig
-from facenet_hf.optim import build_optimizer, lr_factor, param_groups
+from facenet_hf.training.optim import build_optimizer, lr_factor, param_groups
 
 
 def test_no_weight_decay_on_norms_and_biases():

@@ -11,15 +11,15 @@ import json
 
 import pytest
 import torch
-from conftest import SAMPLE, load_recipe, tiny_train_args
+from conftest import SAMPLE, tiny_train_args
 from safetensors.torch import load_file
 
-import facenet_hf.engine as engine
+from facenet_hf.cli.train import parse_train_config, run_training, train_parser
 from facenet_hf.config import Config
-from facenet_hf.engine import _release
 from facenet_hf.losses import TripletLoss, pairwise_distances
-from facenet_hf.step import NonFiniteLossError, train_step
-from facenet_hf.train_state import TrainState
+from facenet_hf.training import reset_accelerate_state
+from facenet_hf.training.state import TrainState
+from facenet_hf.training.step import NonFiniteLossError, train_step
 
 B, D = 8, 16
 
@@ -86,7 +86,7 @@ def test_engine_step_under_bf16_runs_the_model_in_bf16_and_the_loss_in_fp32():
             _batch(), model, optimizer, Recording(), accelerator, _cfg(lr=0.1), TrainState(), 10
         )
     finally:
-        _release(accelerator)
+        reset_accelerate_state(accelerator)
     # autocast inside the model; accelerate hands the outputs back in fp32; the loss is fp32
     assert seen == {"layer": torch.bfloat16, "loss_input": torch.float32, "loss": torch.float32}
     assert stats["loss"].dtype == torch.float32 and torch.isfinite(stats["loss"])
@@ -115,7 +115,7 @@ def test_clipping_sees_unscaled_gradients_with_a_grad_scaler():
         after = [p.detach() for p in model.parameters()]
         assert accelerator.scaler.get_scale() == scale and not optimizer.step_was_skipped
     finally:
-        _release(accelerator)
+        reset_accelerate_state(accelerator)
     update = torch.cat([(b - a).reshape(-1) for a, b in zip(before, after, strict=True)])
     assert update.norm().item() == pytest.approx(clip, rel=1e-3)
     # the direction is minus the true (unscaled, fp32) gradient
@@ -128,16 +128,22 @@ def test_clipping_sees_unscaled_gradients_with_a_grad_scaler():
     assert torch.nn.functional.cosine_similarity(update, -grad, dim=0).item() == pytest.approx(1.0, abs=1e-5)
 
 
-class _NaNOnCall(TripletLoss):
-    """TripletLoss whose ``nan_call``-th call (1-based, per training run) returns a NaN loss."""
+class NaNOnCall(TripletLoss):
+    """TripletLoss whose ``nan_call``-th call (1-based) returns a NaN loss; passed to ``train`` as ``loss_fn``."""
 
-    nan_call = 2
-    calls = 0
+    def __init__(self, nan_call: int = 2, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.nan_call, self.calls = nan_call, 0
 
     def forward(self, embeddings, labels):
-        type(self).calls += 1
+        self.calls += 1
         loss, stats = super().forward(embeddings, labels)
-        return (loss * float("nan") if type(self).calls == self.nan_call else loss), stats
+        return (loss * float("nan") if self.calls == self.nan_call else loss), stats
+
+
+def _train_with_nan(args: list[str]) -> int:
+    cfg, parsed = parse_train_config(args, train_parser())
+    return run_training(cfg, parsed, loss_fn=NaNOnCall(margin=cfg.loss.margin, mining=cfg.loss.mining))
 
 
 def _nan_run_args(out):
@@ -152,11 +158,9 @@ def _nan_run_args(out):
 
 
 @pytest.mark.slow
-def test_nonfinite_loss_skip_counts_logs_and_keeps_the_weights(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "TripletLoss", _NaNOnCall)
-    monkeypatch.setattr(_NaNOnCall, "calls", 0)
+def test_nonfinite_loss_skip_counts_logs_and_keeps_the_weights(tmp_path):
     out = tmp_path / "run"
-    assert load_recipe("train_r18_lfw").main(_nan_run_args(out)) == 0
+    assert _train_with_nan(_nan_run_args(out)) == 0
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert [x["step"] for x in lines] == [1, 2, 3]
     assert [x["skipped_nonfinite"] for x in lines] == [0, 1, 1]
@@ -173,11 +177,9 @@ def test_nonfinite_loss_skip_counts_logs_and_keeps_the_weights(tmp_path, monkeyp
 
 
 @pytest.mark.slow
-def test_nonfinite_loss_error_stops_the_run_with_a_clear_message(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "TripletLoss", _NaNOnCall)
-    monkeypatch.setattr(_NaNOnCall, "calls", 0)
+def test_nonfinite_loss_error_stops_the_run_with_a_clear_message(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 1; lower train.lr"):
-        load_recipe("train_r18_lfw").main([*_nan_run_args(out), "--train.nonfinite_loss=error"])
+        _train_with_nan([*_nan_run_args(out), "--train.nonfinite_loss=error"])
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1]  # step 1 trained and logged, then the stop

@@ -22,9 +22,9 @@ import torch
 from conftest import ROOT, SAMPLE, load_recipe, tiny_train_args
 from safetensors.torch import load_file
 
-from facenet_hf import checkpoint
-from facenet_hf.checkpoint import CheckpointError
 from facenet_hf.data.sampler import PKBatchSampler
+from facenet_hf.training import checkpoint
+from facenet_hf.training.checkpoint import CheckpointError
 
 HANG = ROOT / "tests" / "train_and_hang.py"
 STEPS_PER_EPOCH = 32  # the sample's 259 usable training images // (p=4 x k=2)
@@ -194,7 +194,7 @@ def test_resume_positions_with_accelerates_one_process_loader():
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
-    from facenet_hf.engine import _release
+    from facenet_hf.training import reset_accelerate_state
 
     class Index(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -220,7 +220,7 @@ def test_resume_positions_with_accelerates_one_process_loader():
             sampler.skip(0)
             assert [b.tolist() for b in loader] == sampler.epoch_batches(epoch + 1).tolist()
     finally:
-        _release(accelerator)
+        reset_accelerate_state(accelerator)
 
 
 @pytest.mark.parametrize(
@@ -230,8 +230,8 @@ def test_resume_positions_with_accelerates_one_process_loader():
 def test_resume_with_another_number_of_processes_keeps_the_sampler_position(
     saved_by, consumed, resumed_on, expected
 ):
-    from facenet_hf.train_state import TrainState
-    from facenet_hf.train_state import remap_position as _remap_position
+    from facenet_hf.training.state import TrainState
+    from facenet_hf.training.state import remap_position as _remap_position
 
     state = TrainState(batches_in_epoch=consumed, num_processes=saved_by)
     assert _remap_position(state, resumed_on) == expected

@@ -12,7 +12,7 @@ from conftest import load_recipe, tiny_train_args
 from facenet_hf import FaceNet
 from facenet_hf.config import load_config
 from facenet_hf.data.lfw import SplitOverlapError
-from facenet_hf.engine import build_data
+from facenet_hf.training.build import build_data
 
 pytestmark = pytest.mark.slow
 

@@ -31,7 +31,7 @@ from facenet_hf.data.transforms import (
     collate_batch,
 )
 
-LFW_DIR = Path("/work/shared/data/lfw/lfw-deepfunneled")
+SAMPLE_DIR = Path(__file__).resolve().parent.parent / "data" / "lfw_sample" / "lfw-deepfunneled"
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 S = 64
 
@@ -379,15 +379,13 @@ def test_collate_batch_forms() -> None:
 
 
 def _real_jpegs(tmp_path: Path, n: int = 8) -> list[Path]:
-    """A few real JPEG faces written to tmp_path (LFW copies when available, else synthetic JPEGs)."""
-    files = sorted(LFW_DIR.glob("A*/*.jpg"))[:n] if LFW_DIR.is_dir() else []
+    """A few real JPEG faces (copies from the bundled LFW sample) written to tmp_path."""
+    files = sorted(SAMPLE_DIR.glob("*/*.jpg"))[:n]
+    assert len(files) == n, f"the bundled LFW sample has {len(files)} images, {n} needed"
     out = []
-    for i in range(n):
+    for i, src in enumerate(files):
         dst = tmp_path / f"img_{i}.jpg"
-        if i < len(files):
-            shutil.copyfile(files[i], dst)
-        else:
-            _face(250, 250, seed=i).save(dst, "JPEG", quality=90)
+        shutil.copyfile(src, dst)
         out.append(dst)
     return out
 
@@ -422,7 +420,7 @@ def test_dataloader_path_end_to_end(tmp_path: Path, num_workers: int) -> None:
     got = list(dl)
     assert len(got) == 2
     for b, idx in zip(got, batches, strict=True):
-        assert set(b) == {"pixel_values", "labels", "valid", "bad"}
+        assert set(b) == {"pixel_values", "labels", "valid", "bad", "path"}
         assert b["pixel_values"].shape == (4, 3, S, S) and b["pixel_values"].dtype == torch.float32
         assert b["labels"].tolist() == [i // 2 for i in idx]
         assert isinstance(b["bad"], list)
@@ -562,11 +560,11 @@ def test_face_affine_bad_parameters(params, expected) -> None:
 
 @pytest.mark.parametrize("op", [0, 1, 2])
 def test_color_jitter_matches_torchvision_formulas(op) -> None:
-    from facenet_hf.data.transforms import _ColorJitter
+    from facenet_hf.data.transforms.ops import ColorJitter
 
     factors = [0.0, 0.0, 0.0]
     factors[op] = 0.6
-    jitter = _ColorJitter(*factors)
+    jitter = ColorJitter(*factors)
     x = np.asarray(_face(112, 112, seed=op))
     torch.manual_seed(11)
     got = np.asarray(jitter(Image.fromarray(x))).astype(int)
@@ -583,7 +581,7 @@ def test_color_jitter_matches_torchvision_formulas(op) -> None:
 def test_color_jitter_with_hue_uses_torchvision() -> None:
     t = _build([{"color_jitter": {"hue": 0.1}}])
     assert type(t.image_ops[0]).__name__ == "ColorJitter"
-    assert type(_build(["color_jitter"]).image_ops[0]).__name__ == "_ColorJitter"
+    assert type(_build(["color_jitter"]).image_ops[0]).__name__ == "ColorJitter"
 
 
 def test_collate_reuses_the_stacked_batch_instead_of_copying_it() -> None:

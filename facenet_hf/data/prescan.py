@@ -22,6 +22,7 @@ import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
+from facenet_hf.constants import PRESCAN_MODES
 from facenet_hf.data.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SIZE,
@@ -40,7 +41,6 @@ __all__ = [
     "scan_images",
 ]
 
-PRESCAN_MODES = ("off", "header", "decode")
 _BLOCK = 2048  # rows read from Arrow (and checked) at a time: bounded memory for parquet sources with bytes
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "SOURCE_FEATURES",
     "SourceError",
     "arrow_column",
+    "folder_dataset",
     "labels_of",
     "load_source",
 ]
@@ -98,7 +99,7 @@ def load_source(
     if path.is_dir():
         files = _scan_image_folder(path)
         if files is not None:
-            return _folder_dataset(path, *files)
+            return folder_dataset(path, *files)
         parquet = sorted(str(p) for p in path.rglob("*.parquet") if not _hidden(p.relative_to(path)))
         if not parquet:
             raise SourceError(_no_layout_message(path))
@@ -212,7 +213,9 @@ def _scan_first_level_images(folder: Path) -> bool:
     return False
 
 
-def _folder_dataset(root: Path, names: list[str], rel: list[str], counts: list[int]) -> datasets.Dataset:
+def folder_dataset(root: Path, names: list[str], rel: list[str], counts: list[int]) -> datasets.Dataset:
+    """The source dataset of an image folder from its listing, no file opened: ``names[i]`` is identity ``i``,
+    whose ``counts[i]`` files come next in ``rel`` (paths relative to ``root``, grouped by identity)."""
     root_abs = os.path.abspath(root)
     n = len(rel)
     rel_arr = pa.array(rel, pa.string())

@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import os
 
+from facenet_hf.constants import DEFAULT_WORKER_NICE, check_worker_nice
+
 __all__ = ["DEFAULT_WORKER_NICE", "LowPriorityWorkers", "check_worker_nice"]
-
-DEFAULT_WORKER_NICE = 19
-
-
-def check_worker_nice(nice: object, key: str = "worker_nice") -> int:
-    """``nice`` as an int in 0..19, or a ValueError naming ``key``."""
-    if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19:
-        raise ValueError(f"{key} must be an int from 0 (unchanged) to 19 (lowest priority), got {nice!r}")
-    return nice
 
 
 class LowPriorityWorkers:

@@ -7,44 +7,15 @@ from collections.abc import Callable, Sequence
 import datasets
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from facenet_hf.data.transforms import BatchTransform, build_transform, collate_batch
+from facenet_hf.data.transforms import BatchTransform, collate_batch
 from facenet_hf.data.workers import DEFAULT_WORKER_NICE, LowPriorityWorkers
+from facenet_hf.model.inference import flip_embed, is_channels_last, model_transform
 
-FLIP_MODES = ("off", "sum", "concat")
-
-
-def model_transform(model: nn.Module) -> Callable:
-    """The eval preprocessing stored in a model's config."""
-    from facenet_hf.data.transforms import DEFAULT_EVAL_STEPS
-
-    steps = model.eval_transforms if model.eval_transforms is not None else DEFAULT_EVAL_STEPS
-    return build_transform(steps, image_size=model.image_size, mean=model.mean, std=model.std)
-
-
-def flip_embed(model: nn.Module, pixel_values: torch.Tensor, flip: str) -> torch.Tensor:
-    """Embed a batch; ``flip`` = off | sum (normalise(f(x) + f(flip x))) | concat ([f(x), f(flip x)] / sqrt 2)."""
-    if flip not in FLIP_MODES:
-        raise ValueError(f"flip must be one of {FLIP_MODES}, got {flip!r}")
-    emb = model(pixel_values)
-    if flip == "off":
-        return emb.float()
-    emb_flip = model(torch.flip(pixel_values, dims=[3]))
-    if flip == "sum":
-        return F.normalize(emb.float() + emb_flip.float(), dim=-1)
-    return torch.cat([emb.float(), emb_flip.float()], dim=-1) / np.sqrt(2.0)
-
-
-def _is_channels_last(model: nn.Module) -> bool:
-    """Whether the model's convolution weights are in channels_last memory (then so should its inputs be)."""
-    for p in model.parameters():
-        if p.dim() == 4:
-            return p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
-    return False
+__all__ = ["embed_files"]
 
 
 @torch.inference_mode()
@@ -71,7 +42,7 @@ def embed_files(
     ds = datasets.Dataset.from_dict({"image": list(files), "label": [0] * len(files)})
     ds = ds.cast_column("image", datasets.Image(decode=False))
     ds = ds.with_transform(
-        BatchTransform(transform, bad_image_policy="error", channels_last=_is_channels_last(net))
+        BatchTransform(transform, bad_image_policy="error", channels_last=is_channels_last(net))
     )
     loader = DataLoader(
         ds,

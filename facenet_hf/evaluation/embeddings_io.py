@@ -13,6 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from facenet_hf.distances import row_distances
+from facenet_hf.fileio import atomic_path
+
 __all__ = ["SUFFIXES", "load_embeddings", "pair_distances", "save_embeddings"]
 
 SUFFIXES = (".npz", ".parquet")
@@ -53,8 +56,7 @@ def save_embeddings(path: str | os.PathLike, paths: Sequence[str], embeddings: A
     if dups:
         raise ValueError(f"{out}: paths must be unique, {len(dups)} repeated, e.g. {dups[:5]}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}{suffix}")
-    try:
+    with atomic_path(out) as tmp:
         if suffix == ".npz":
             np.savez(tmp, paths=np.asarray(paths, dtype=str), embeddings=emb)
         else:
@@ -70,10 +72,6 @@ def save_embeddings(path: str | os.PathLike, paths: Sequence[str], embeddings: A
             column = (pa.LargeListArray if large else pa.ListArray).from_arrays(offsets, values)
             table = pa.table({"path": pa.array(paths, type=pa.string()), "embedding": column})
             pq.write_table(table, tmp)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out
 
 
@@ -188,5 +186,4 @@ def pair_distances(
             if np.any(norm == 0):
                 raise ValueError("cannot normalize: some embeddings have zero norm")
             m /= norm
-    d = np.sum((a - b) ** 2, axis=1)
-    return d if squared else np.sqrt(d)
+    return row_distances(a, b, squared=squared)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,18 +12,10 @@ import numpy as np
 from facenet_hf.data.lfw import LFWPairs
 from facenet_hf.data.workers import DEFAULT_WORKER_NICE
 from facenet_hf.evaluation.embed import embed_files
+from facenet_hf.evaluation.embeddings_io import pair_distances
 from facenet_hf.evaluation.plots import plot_distance_histogram, plot_roc
 from facenet_hf.evaluation.verification import report_to_json, verification_protocol
-
-
-def pair_distances_from_embeddings(
-    emb: np.ndarray, index: dict[str, int], paths1: Sequence[str], paths2: Sequence[str], *, squared: bool
-) -> np.ndarray:
-    """Distances between the rows of ``emb`` named by the two path lists."""
-    i1 = np.fromiter((index[p] for p in paths1), dtype=np.int64, count=len(paths1))
-    i2 = np.fromiter((index[p] for p in paths2), dtype=np.int64, count=len(paths2))
-    d = np.sum((emb[i1].astype(np.float64) - emb[i2].astype(np.float64)) ** 2, axis=1)
-    return d if squared else np.sqrt(d)
+from facenet_hf.fileio import atomic_write_text
 
 
 def evaluate_lfw(
@@ -62,8 +53,7 @@ def evaluate_lfw(
         progress=progress,
         desc="embedding LFW pairs",
     )
-    index = {p: i for i, p in enumerate(unique)}
-    distances = pair_distances_from_embeddings(emb, index, paths1, paths2, squared=squared)
+    distances = pair_distances(unique, emb, paths1, paths2, squared=squared)
     report = verification_protocol(distances, pairs.is_same, pairs.fold, far_target=far_target)
     report["n_images"] = len(unique)
     report["flip"] = flip
@@ -82,9 +72,7 @@ def write_report(
         "roc": out / "lfw_roc.png",
         "hist": out / "lfw_distances.png",
     }
-    tmp = paths["json"].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report_to_json(report), indent=2))
-    tmp.replace(paths["json"])
+    atomic_write_text(paths["json"], json.dumps(report_to_json(report), indent=2))
     plot_roc(report, paths["roc"])
     plot_distance_histogram(distances, is_same, report["threshold"], paths["hist"])
     return paths

@@ -12,12 +12,9 @@ always built with ``pretrained=False`` (nothing is downloaded besides the two fi
 
 from __future__ import annotations
 
-import difflib
 import json
-import math
-import numbers
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,139 +27,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from facenet_hf import __version__
+from facenet_hf.constants import DEFAULT_IMAGE_SIZE, DISTANCES
+from facenet_hf.fileio import atomic_path, atomic_write_text
+from facenet_hf.model.schema import validate_config
 
 if TYPE_CHECKING:
-    from PIL import Image
+    from facenet_hf.model.inference import ImageLike
 
-    ImageLike = Image.Image | str | os.PathLike
+__all__ = ["FaceNet", "load_weights"]
 
-DISTANCES = ("squared_euclidean", "euclidean")
 _WEIGHTS = constants.SAFETENSORS_SINGLE_FILE  # "model.safetensors"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-# config.json fields (= the constructor arguments) and the bounds a loaded config must respect.
-CONFIG_FIELDS = (
-    "backbone",
-    "embedding_dim",
-    "head_bn",
-    "dropout",
-    "image_size",
-    "mean",
-    "std",
-    "eval_transforms",
-    "threshold",
-    "distance",
-    "threshold_flip",
-    "library_version",
-)
-REQUIRED_CONFIG_FIELDS = ("backbone", "embedding_dim")
-MAX_EMBEDDING_DIM = 65536
-IMAGE_SIZE_RANGE = (16, 4096)
-# Largest possible distance between two unit vectors: 4 (squared Euclidean) or 2 (Euclidean).
-_MAX_DISTANCE = {"squared_euclidean": 4.0, "euclidean": 2.0}
-
-
-class InvalidConfigError(ValueError):
-    """A model ``config.json`` (or a ``from_pretrained`` keyword) has an unknown field or an absurd value."""
-
-    def __init__(self, field: str, message: str, source: str = "config.json") -> None:
-        self.field = field
-        self.source = source
-        super().__init__(f"{source}: field {field!r} {message}")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
-
-
-def validate_config(config: Any, *, source: str = "config.json", require: bool = True) -> None:
-    """Check a model config dict; raises :class:`InvalidConfigError` naming the first bad field.
-
-    Refused: a non-dict, unknown fields, missing ``backbone``/``embedding_dim`` (with ``require``), a backbone that
-    is not a registered timm architecture (``hf-hub:``/``local-dir:`` references would fetch or read files at load
-    time), ``embedding_dim`` outside [1, 65536], ``image_size`` outside [16, 4096], ``mean``/``std`` not 3 finite
-    numbers (std > 0), ``dropout`` outside [0, 1), a negative (or impossible, > the largest distance between unit
-    vectors) ``threshold``, an unknown ``distance``, and ``eval_transforms`` that do not build.
-    """
-    if not isinstance(config, Mapping):
-        raise InvalidConfigError("<root>", f"must be a JSON object, got {type(config).__name__}", source)
-    unknown = [k for k in config if k not in CONFIG_FIELDS]
-    if unknown:
-        key = unknown[0]
-        close = difflib.get_close_matches(str(key), CONFIG_FIELDS, n=1, cutoff=0.75)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise InvalidConfigError(
-            str(key), f"is unknown{hint}; a FaceNet config holds only {', '.join(CONFIG_FIELDS)}", source
-        )
-    if require:
-        for key in REQUIRED_CONFIG_FIELDS:
-            if key not in config:
-                raise InvalidConfigError(key, "is missing (it defines the architecture)", source)
-
-    def bad(field: str, message: str) -> InvalidConfigError:
-        return InvalidConfigError(field, f"{message}, got {config[field]!r}", source)
-
-    if "backbone" in config:
-        name = config["backbone"]
-        if not isinstance(name, str) or not name or ":" in name or not timm.is_model(name):
-            raise bad("backbone", "must be the name of a timm architecture (see timm.list_models())")
-    if "embedding_dim" in config:
-        v = config["embedding_dim"]
-        if not _is_int(v) or not 1 <= v <= MAX_EMBEDDING_DIM:
-            raise bad("embedding_dim", f"must be an integer in [1, {MAX_EMBEDDING_DIM}]")
-    if "head_bn" in config and not isinstance(config["head_bn"], bool):
-        raise bad("head_bn", "must be true or false")
-    if "dropout" in config:
-        v = config["dropout"]
-        if not _is_real(v) or not 0.0 <= v < 1.0:
-            raise bad("dropout", "must be a number in [0, 1)")
-    if "image_size" in config:
-        v = config["image_size"]
-        lo, hi = IMAGE_SIZE_RANGE
-        if not _is_int(v) or not lo <= v <= hi:
-            raise bad("image_size", f"must be an integer in [{lo}, {hi}]")
-    for key in ("mean", "std"):
-        if key in config and config[key] is not None:
-            v = config[key]
-            if (
-                not isinstance(v, (list, tuple))
-                or len(v) != 3
-                or not all(_is_real(x) for x in v)
-                or (key == "std" and not all(x > 0 for x in v))
-            ):
-                rule = "3 finite numbers (one per RGB channel)" + (", all > 0" if key == "std" else "")
-                raise bad(key, f"must be {rule}")
-    distance = config.get("distance", "squared_euclidean")
-    if "distance" in config and distance not in DISTANCES:
-        raise bad("distance", f"must be one of {list(DISTANCES)}")
-    if config.get("threshold") is not None:
-        v = config["threshold"]
-        top = _MAX_DISTANCE[distance]
-        if not _is_real(v) or not 0.0 <= v <= top:
-            raise bad("threshold", f"must be null or a number in [0, {top:g}] (a {distance} distance)")
-    if "threshold_flip" in config and config["threshold_flip"] not in ("off", "sum", "concat"):
-        raise bad("threshold_flip", "must be one of ['off', 'sum', 'concat']")
-    if "library_version" in config and not isinstance(config["library_version"], str):
-        raise bad("library_version", "must be a string")
-    if config.get("eval_transforms") is not None:
-        steps = config["eval_transforms"]
-        if not isinstance(steps, list):
-            raise bad("eval_transforms", "must be null or a list of preprocessing steps")
-        from facenet_hf.data.transforms import build_transform
-
-        try:
-            build_transform(
-                steps,
-                image_size=config.get("image_size", 112),
-                mean=config.get("mean") or (0.5, 0.5, 0.5),
-                std=config.get("std") or (0.5, 0.5, 0.5),
-            )
-        except (ValueError, TypeError, KeyError) as e:
-            raise InvalidConfigError("eval_transforms", f"does not build: {e}", source) from None
 
 
 class FaceNet(
@@ -181,7 +56,7 @@ class FaceNet(
         embedding_dim: int = 128,
         head_bn: bool = True,
         dropout: float = 0.0,
-        image_size: int = 112,
+        image_size: int = DEFAULT_IMAGE_SIZE,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         eval_transforms: list | None = None,
@@ -241,21 +116,11 @@ class FaceNet(
 
     # -- inference helpers ---------------------------------------------------------------------------------
     def preprocess(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
-        """Images (``PIL.Image`` or file paths) -> float32 ``[N, 3, image_size, image_size]``.
+        """Images (``PIL.Image`` or file paths) -> float32 ``[N, 3, image_size, image_size]``, the eval
+        preprocessing stored in the config (:func:`facenet_hf.model.inference.preprocess`)."""
+        from facenet_hf.model.inference import preprocess
 
-        Uses the eval preprocessing stored in the config (:func:`facenet_hf.evaluation.embed.model_transform`).
-        """
-        from PIL import Image
-
-        from facenet_hf.data.images import load_image
-        from facenet_hf.evaluation.embed import model_transform
-
-        if isinstance(images, (Image.Image, str, os.PathLike)):
-            images = [images]
-        transform = model_transform(self)
-        if len(images) == 0:
-            return torch.zeros(0, 3, self.image_size, self.image_size)
-        return torch.stack([transform(load_image(img)) for img in images])
+        return preprocess(self, images)
 
     def embed(
         self, images: ImageLike | Sequence[ImageLike], batch_size: int = 64, flip: str = "off"
@@ -264,30 +129,9 @@ class FaceNet(
 
         ``flip``: ``off``, ``sum`` (normalise(f(x) + f(flipped x))) or ``concat`` (``[N, 2D]``), as in evaluation.
         """
-        from PIL import Image
+        from facenet_hf.model.inference import embed_images
 
-        from facenet_hf.evaluation.embed import FLIP_MODES, flip_embed
-
-        if flip not in FLIP_MODES:
-            raise ValueError(f"flip must be one of {FLIP_MODES}, got {flip!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if isinstance(images, (Image.Image, str, os.PathLike)):
-            images = [images]
-        device = next(self.parameters()).device
-        was_training = self.training
-        self.eval()
-        out = []
-        try:
-            with torch.no_grad():
-                for start in range(0, len(images), batch_size):
-                    x = self.preprocess(images[start : start + batch_size]).to(device)
-                    out.append(flip_embed(self, x, flip).float().cpu())
-        finally:
-            self.train(was_training)
-        if not out:
-            return torch.zeros(0, self.embedding_dim * (2 if flip == "concat" else 1))
-        return torch.cat(out)
+        return embed_images(self, images, batch_size=batch_size, flip=flip)
 
     def verify(self, img1: ImageLike, img2: ImageLike, *, flip: str | None = None) -> tuple[bool, float]:
         """Same person? Returns ``(distance <= threshold, distance)`` with the stored threshold and distance.
@@ -295,18 +139,9 @@ class FaceNet(
         ``flip`` defaults to ``threshold_flip``, the test-time augmentation the threshold was calibrated with.
         Raises ``ValueError`` if no threshold is calibrated.
         """
-        flip = flip or self.threshold_flip
-        if self.threshold is None:
-            raise ValueError(
-                "this model has no calibrated verification threshold (config.json 'threshold' is null): calibrate "
-                "one with `facenet-hf evaluate MODEL_DIR --lfw-dir ... --pairs ...`, set `model.threshold`, or "
-                "compare the distances of `model.embed(...)` yourself"
-            )
-        emb = self.embed([img1, img2], flip=flip).double()
-        d = float(torch.sum((emb[0] - emb[1]) ** 2))
-        if self.distance == "euclidean":
-            d = math.sqrt(d)
-        return d <= self.threshold, d
+        from facenet_hf.model.inference import verify_images
+
+        return verify_images(self, img1, img2, flip=flip)
 
     def load_backbone_weights(self, path: str | os.PathLike) -> None:
         """Load backbone weights (e.g. ImageNet ones) from a local safetensors file; the classifier is dropped."""
@@ -324,16 +159,15 @@ class FaceNet(
     # -- Hub mixin ---------------------------------------------------------------------------------------
     def _save_pretrained(self, save_directory: Path) -> None:
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = save_directory / f".{_WEIGHTS}.tmp"
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, save_directory / _WEIGHTS)
+        with atomic_path(save_directory / _WEIGHTS) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
         self.write_config(save_directory)
 
     def write_config(self, save_directory: str | os.PathLike) -> None:
         """(Re)write ``config.json`` atomically, e.g. after calibrating the threshold."""
-        tmp = Path(save_directory) / ".config.json.tmp"
-        tmp.write_text(json.dumps(self.config, indent=2, sort_keys=True))
-        os.replace(tmp, Path(save_directory) / constants.CONFIG_NAME)
+        atomic_write_text(
+            Path(save_directory) / constants.CONFIG_NAME, json.dumps(self.config, indent=2, sort_keys=True)
+        )
 
     @classmethod
     def _from_pretrained(

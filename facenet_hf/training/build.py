@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from facenet_hf.config import Config, ConfigError
+from facenet_hf.constants import FIXED_MEAN, FIXED_STD
 from facenet_hf.data.images import BadImageError
 from facenet_hf.data.lfw import (
     LFWPairs,
@@ -21,12 +22,9 @@ from facenet_hf.data.prescan import prescan_dataset, scan_files
 from facenet_hf.data.sources import load_source
 from facenet_hf.model import FaceNet
 
-__all__ = ["FIXED_MEAN", "FIXED_STD", "build_data", "build_model"]
+__all__ = ["build_data", "build_model", "check_image_size"]
 
 logger = logging.getLogger(__name__)
-
-FIXED_MEAN = (0.5, 0.5, 0.5)  # FaceNet's (x - 127.5) / 128 on [0, 255] pixels == (x - 0.5) / (128 / 255)
-FIXED_STD = (128 / 255, 128 / 255, 128 / 255)
 
 
 def build_model(cfg: Config) -> FaceNet:
@@ -46,11 +44,11 @@ def build_model(cfg: Config) -> FaceNet:
     )
     if m.pretrained_weights:
         model.load_backbone_weights(m.pretrained_weights)
-    _check_image_size(model, cfg)
+    check_image_size(model, cfg)
     return model
 
 
-def _check_image_size(model: FaceNet, cfg: Config) -> None:
+def check_image_size(model: FaceNet, cfg: Config) -> None:
     """Refuse a ``model.image_size`` the backbone cannot take (e.g. a ViT built for 224 px), before training."""
     size, name = cfg.model.image_size, cfg.model.backbone
     patch = getattr(model.backbone, "patch_embed", None)

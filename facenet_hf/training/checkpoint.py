@@ -1,4 +1,4 @@
-"""Atomic, verifiable training checkpoints on top of ``accelerator.save_state``.
+"""Atomic, verifiable training checkpoints on top of ``accelerator.save_state`` (:func:`save_checkpoint`).
 
 A checkpoint is written into ``checkpoints/.tmp-step_N`` and renamed to ``checkpoints/step_N`` only once
 complete, with a ``manifest.json`` listing every file's size and sha256. A half-written checkpoint is never
@@ -15,6 +15,10 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from facenet_hf.training.state import TrainState
 
 logger = logging.getLogger(__name__)
 
@@ -121,3 +125,36 @@ def prune(root: Path, keep: int) -> None:
     for pattern in (".tmp-step_*", ".old-step_*"):
         for tmp in root.glob(pattern):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_checkpoint(accelerator, state: TrainState, root: Path, keep: int) -> Path | None:
+    """``save_state`` into a temporary folder, then verify-and-rename it (main process), then prune.
+
+    A write failure (disk full, permissions, ...) removes the temporary folder and raises
+    :class:`~facenet_hf.CheckpointError` naming the checkpoint and the cause; earlier checkpoints are
+    untouched, so ``resume=latest`` continues from the last complete one.
+    """
+    tmp = tmp_dir_for(root, state.step)
+    try:
+        if accelerator.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        final = None
+        if accelerator.is_main_process:
+            final = finalize(tmp, state.step)
+            prune(root, keep)
+    except Exception as e:
+        if isinstance(e, CheckpointError):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(root)
+        kept = f"the last complete one, {previous[-1]}, is intact" if previous else "there is no earlier one"
+        raise CheckpointError(
+            f"could not write checkpoint {root / f'step_{state.step:08d}'} (step {state.step}): "
+            f"{type(e).__name__}: {e}. The partial folder was removed and {kept}; free disk space or fix "
+            "permissions, then continue with resume=latest"
+        ) from e
+    accelerator.wait_for_everyone()
+    return final

@@ -8,8 +8,9 @@ import logging
 import torch
 
 from facenet_hf.config import Config
-from facenet_hf.optim import lr_factor, set_lr
-from facenet_hf.train_state import TrainState
+from facenet_hf.training.distributed import any_process
+from facenet_hf.training.optim import lr_factor, set_lr
+from facenet_hf.training.state import TrainState
 
 __all__ = ["NonFiniteLossError", "should_stop", "train_step"]
 
@@ -44,7 +45,7 @@ def train_step(
         stats["loss"] = loss.detach()  # logged as computed (before the scaling below)
         if cfg.loss.global_mining and accelerator.num_processes > 1:
             loss = loss * accelerator.num_processes  # DDP averages: this makes the sum the global gradient
-        if not _all_finite(accelerator, loss):
+        if any_process(accelerator, ~torch.isfinite(loss.detach())):
             if t.nonfinite_loss == "error":
                 raise NonFiniteLossError(
                     f"non-finite loss ({loss.item()}) at step {state.step}; lower train.lr, set train.grad_clip, "
@@ -71,13 +72,6 @@ def train_step(
     return stats
 
 
-def _all_finite(accelerator, loss: torch.Tensor) -> bool:
-    finite = torch.isfinite(loss.detach()).float().reshape(1)
-    if accelerator.num_processes > 1:
-        finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
-    return bool(finite.item() == 1.0)
-
-
 def _gather_with_local_grad(accelerator, emb, labels, valid):
     """All processes' embeddings (others' without gradient, ours with it), labels and masks."""
     all_emb = accelerator.gather(emb.detach())
@@ -96,14 +90,7 @@ def _progress(state: TrainState, cfg: Config, total_steps: int) -> float:
 
 
 def should_stop(accelerator, state: TrainState, cfg: Config) -> bool:
-    """Time budget reached (decided by the main process, so every process stops at the same step)."""
+    """Time budget reached (on any process, so every process stops at the same step)."""
     if not cfg.train.time_budget_minutes:
         return False
-    flag = torch.tensor(
-        [float(state.elapsed >= 60 * cfg.train.time_budget_minutes)], device=accelerator.device
-    )
-    return (
-        bool(accelerator.reduce(flag, reduction="sum").item() > 0)
-        if accelerator.num_processes > 1
-        else bool(flag)
-    )
+    return any_process(accelerator, state.elapsed >= 60 * cfg.train.time_budget_minutes)

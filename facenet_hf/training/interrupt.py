@@ -1,4 +1,5 @@
-"""Ctrl-C during training: finish the step, agree across processes, then stop at a step boundary."""
+"""Ctrl-C during training: finish the step, then stop at a step boundary (the processes agree through
+:func:`facenet_hf.training.distributed.any_process`)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,7 @@ import signal
 import threading
 from typing import Any
 
-import torch
-
-__all__ = ["DeferredInterrupt", "any_process"]
+__all__ = ["DeferredInterrupt"]
 
 
 class DeferredInterrupt:
@@ -35,11 +34,3 @@ class DeferredInterrupt:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-
-
-def any_process(accelerator, flag: bool) -> bool:
-    """``flag`` on any process (a collective with several: every process must call it at the same step)."""
-    if accelerator.num_processes == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=accelerator.device)
-    return bool(accelerator.reduce(t, reduction="sum").item() > 0)

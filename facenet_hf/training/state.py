@@ -1,18 +1,17 @@
 """What a run carries between steps and across a resume: :class:`TrainState` (saved in every checkpoint), the
-atomic checkpoint writer, the resume position, and the bookkeeping of unusable image files."""
+resume position, and the bookkeeping of unusable image files."""
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from facenet_hf import checkpoint
 from facenet_hf.data.sampler import PKBatchSampler
 from facenet_hf.data.sources import arrow_column
+from facenet_hf.fileio import atomic_write_text
 
 __all__ = [
     "RowsByPath",
@@ -20,7 +19,6 @@ __all__ = [
     "exclude_bad_rows",
     "position",
     "remap_position",
-    "save_checkpoint",
     "truncate_metrics",
     "write_bad_images",
 ]
@@ -86,42 +84,7 @@ def truncate_metrics(path: Path, step: int) -> None:
             continue
         if isinstance(entry, dict) and entry.get("step", 0) <= step:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    tmp.replace(path)
-
-
-def save_checkpoint(accelerator, state: TrainState, root: Path, keep: int) -> Path | None:
-    """``save_state`` into a temporary folder, then verify-and-rename it (main process), then prune.
-
-    A write failure (disk full, permissions, ...) removes the temporary folder and raises
-    :class:`~facenet_hf.checkpoint.CheckpointError` naming the checkpoint and the cause; earlier checkpoints are
-    untouched, so ``resume=latest`` continues from the last complete one.
-    """
-    tmp = checkpoint.tmp_dir_for(root, state.step)
-    try:
-        if accelerator.is_main_process:
-            root.mkdir(parents=True, exist_ok=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp), safe_serialization=True)
-        accelerator.wait_for_everyone()
-        final = None
-        if accelerator.is_main_process:
-            final = checkpoint.finalize(tmp, state.step)
-            checkpoint.prune(root, keep)
-    except Exception as e:
-        if isinstance(e, checkpoint.CheckpointError):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = checkpoint.list_checkpoints(root)
-        kept = f"the last complete one, {previous[-1]}, is intact" if previous else "there is no earlier one"
-        raise checkpoint.CheckpointError(
-            f"could not write checkpoint {root / f'step_{state.step:08d}'} (step {state.step}): "
-            f"{type(e).__name__}: {e}. The partial folder was removed and {kept}; free disk space or fix "
-            "permissions, then continue with resume=latest"
-        ) from e
-    accelerator.wait_for_everyone()
-    return final
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 class RowsByPath:

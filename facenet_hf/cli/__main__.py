@@ -1,0 +1,7 @@
+"""``python -m facenet_hf.cli``: the ``facenet-hf`` command."""
+
+import sys
+
+from facenet_hf.cli import main
+
+sys.exit(main())

@@ -1,0 +1,35 @@
+"""What every ``facenet-hf`` command shares: logging set-up and ``--section.key VALUE`` overrides."""
+
+from __future__ import annotations
+
+import logging
+
+from facenet_hf.config import ConfigError
+
+__all__ = ["overrides_from_argv", "setup_logging"]
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    for noisy in ("accelerate", "httpx", "urllib3", "PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def overrides_from_argv(rest: list[str]) -> list[str]:
+    """``["--train.lr", "1e-3", "--data.p=8", "loss.margin=0.3"]`` -> ``["train.lr=1e-3", "data.p=8", ...]``."""
+    out: list[str] = []
+    i = 0
+    while i < len(rest):
+        tok = rest[i]
+        key = tok[2:] if tok.startswith("--") else tok
+        if "=" in key:
+            out.append(key)
+            i += 1
+        elif tok.startswith("--") and i + 1 < len(rest):
+            out.append(f"{key}={rest[i + 1]}")
+            i += 2
+        else:
+            raise ConfigError(f"argument {tok!r} needs a value: use --{key} VALUE or {key}=VALUE")
+    return out
