@@ -24,6 +24,7 @@ from facenet_hf.constants import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_TRAIN_STEPS,
     DEFAULT_WORKER_NICE,
+    AlignmentKind,
     BadImagePolicy,
     FlipMode,
     MiningMode,
@@ -51,6 +52,12 @@ class ModelConfig:
     image_size: int = DEFAULT_IMAGE_SIZE
     pretrained_weights: str | None = None  # local .safetensors with backbone (e.g. ImageNet) weights
     normalization: Normalization = "backbone"  # backbone mean/std or FaceNet's (x-127.5)/128
+    # what the model is trained on (and so what it expects): LFW deep-funneled style crops, or five-point-aligned
+    # crops made by `facenet-hf align` at align_size px with align_margin (stored in the model's config.json, so
+    # FaceNet.embed detects and aligns raw photos the same way)
+    alignment: AlignmentKind = "lfw_crop"
+    align_size: int = DEFAULT_IMAGE_SIZE
+    align_margin: float = 0.0
 
 
 @dataclass
@@ -127,6 +134,8 @@ class Config:
 _RANGES: dict[str, tuple[str, Any]] = {
     "model.embedding_dim": (">=", 1),
     "model.image_size": (">=", 16),
+    "model.align_size": (">=", 16),
+    "model.align_margin": (">=", 0),
     "data.p": (">=", 2),
     "data.k": (">=", 2),
     "data.min_images": (">=", 1),
@@ -282,6 +291,14 @@ def validate(cfg: Config) -> Config:
     if cfg.data.holdout_folds and not cfg.data.pairs:
         raise ConfigError(
             "data.holdout_folds needs data.pairs (LFW pairs.txt) to know whose people to hold out"
+        )
+    if cfg.model.align_size > 4096:
+        raise ConfigError(
+            f"model.align_size: {cfg.model.align_size!r} is out of range; it must be <= 4096 px"
+        )
+    if not cfg.model.align_margin < 1.0:
+        raise ConfigError(
+            f"model.align_margin: {cfg.model.align_margin!r} is out of range; it must be in [0, 1)"
         )
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise ConfigError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Literal, get_args
 
 __all__ = [
+    "ALIGNMENT_KINDS",
     "BAD_IMAGE_POLICIES",
     "DEFAULT_EVAL_STEPS",
     "DEFAULT_IMAGE_SIZE",
@@ -27,6 +28,7 @@ __all__ = [
     "OPTIMIZERS",
     "PRESCAN_MODES",
     "SCHEDULERS",
+    "AlignmentKind",
     "BadImagePolicy",
     "Distance",
     "FlipMode",
@@ -52,6 +54,7 @@ NonFinitePolicy = Literal["skip", "error"]
 OptimizerName = Literal["adam", "adamw", "sgd"]
 SchedulerName = Literal["cosine", "step", "constant"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
+AlignmentKind = Literal["five_point", "lfw_crop"]  # 5-point-aligned crops, or LFW deep-funneled style crops
 
 MINING_MODES: tuple[str, ...] = get_args(MiningMode)
 DISTANCES: tuple[str, ...] = get_args(Distance)
@@ -63,6 +66,7 @@ NONFINITE_POLICIES: tuple[str, ...] = get_args(NonFinitePolicy)
 OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
 MIXED_PRECISIONS: tuple[str, ...] = get_args(MixedPrecision)
+ALIGNMENT_KINDS: tuple[str, ...] = get_args(AlignmentKind)
 
 # Largest possible distance between two unit vectors: 4 (squared Euclidean) or 2 (Euclidean).
 MAX_DISTANCE: dict[str, float] = {"squared_euclidean": 4.0, "euclidean": 2.0}

@@ -105,6 +105,15 @@ def _place_roc(model_dir: Path, roc_image: str | os.PathLike | None) -> str | No
     return "lfw_roc.png"
 
 
+def _alignment_words(alignment: dict | None) -> str:
+    if not alignment:
+        return "LFW deep-funneled style crops (face centred in a 250 x 250 image); `embed(photo, detect=True)` warps a photo to that framing"
+    return (
+        f"five-point-aligned faces ({alignment.get('template')} template, {alignment.get('size')} px, margin "
+        f"{alignment.get('margin')}); `embed` / `verify` detect and align raw photos (MTCNN) the same way"
+    )
+
+
 def _tag(backbone: str) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", backbone.lower()).strip("-") or "timm-model"
 
@@ -194,6 +203,7 @@ def _card_body(
         f"| Input | RGB, {size} x {size} px |",
         f"| Normalisation | mean {config.get('mean')}, std {config.get('std')} |",
         f"| Eval preprocessing | `{json.dumps(config.get('eval_transforms'))}` (null: the library default) |",
+        f"| Expected input | {_alignment_words(config.get('alignment'))} |",
     ]
     if params is not None:
         out.append(f"| Parameters | {params / 1e6:.2f} M |")

@@ -130,3 +130,12 @@ def test_optimizer(tmp_path, capsys):
     ours = [r for r in rows if r["implementation"].startswith("build_optimizer")]
     assert all("fused=True" in r["implementation"] for r in ours)  # CPU has the fused kernels
     assert "| optimizer | implementation | step ms (median) | x the for-loop |" in capsys.readouterr().out
+
+
+def test_align(lfw_sample, tmp_path, capsys):
+    out = tmp_path / "align.json"
+    assert load_bench("bench_align").main(["--quick", *lfw_args(lfw_sample), "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"detect_batched", "detect_single", "align_batched", "align_single", "warp"}
+    assert all(r["images_per_second"] > 0 for r in results.values())
+    assert "batched / one by one" in capsys.readouterr().out

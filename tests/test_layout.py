@@ -30,6 +30,8 @@ def _imported_after(statement: str) -> list[str]:
         "from facenet_hf.config import load_config; load_config(None, ['data.lfw_dir=/x', 'data.pairs=/p'])",
         "from facenet_hf.cli import main; main(['--help'])",
         "import facenet_hf.evaluation",
+        "import facenet_hf.faces",
+        "import facenet_hf.faces.tree",
     ],
 )
 def test_light_modules_import_no_heavy_stack(statement):

@@ -144,7 +144,11 @@ def test_missing_config_or_bad_keyword_is_refused(tmp_path):
 
 def test_validate_config_accepts_what_save_pretrained_writes(tmp_path):
     model = _tiny(threshold=1.2, eval_transforms=[{"face_crop": {"fraction": 0.7}}, "resize"])
-    assert set(CONFIG_FIELDS) == set(model.config)  # the validator knows every field save_pretrained writes
+    # the validator knows every field save_pretrained writes (alignment only for a five-point model)
+    assert set(CONFIG_FIELDS) == set(model.config) | {"alignment"}
+    aligned = _tiny(alignment={"kind": "five_point", "size": 112})
+    assert set(CONFIG_FIELDS) == set(aligned.config)
+    validate_config(aligned.config)
     validate_config(model.config)
     validate_config(json.loads(json.dumps(model.config)))
     with pytest.raises(InvalidConfigError, match=r"field 'backbone' is missing"):

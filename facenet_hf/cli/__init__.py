@@ -14,6 +14,7 @@ COMMANDS = {
     "train": "facenet_hf.cli.train",
     "evaluate": "facenet_hf.cli.evaluate",
     "push": "facenet_hf.cli.push",
+    "align": "facenet_hf.cli.align",
 }
 
 

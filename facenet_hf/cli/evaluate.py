@@ -34,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--revision", default=None, help="Hub revision of MODEL")
     parser.add_argument("--out", default=None, help="output folder for the report and plots")
     parser.add_argument(
+        "--skip-alignment-check",
+        action="store_true",
+        help="score images that are not what the model expects (e.g. unaligned photos for a five-point model)",
+    )
+    parser.add_argument(
         "--no-write-threshold",
         action="store_true",
         help="do not store the calibrated threshold in MODEL/config.json",
@@ -64,16 +69,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"facenet-hf evaluate: cannot load model {args.model}: {msg}", file=sys.stderr)
             return 1
         distance = args.distance or model.distance
-        report, distances = evaluate_lfw(
-            model,
-            args.lfw_dir,
-            pairs,
-            flip=args.flip,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            squared=distance == "squared_euclidean",
-            far_target=args.far,
-        )
+        try:
+            report, distances = evaluate_lfw(
+                model,
+                args.lfw_dir,
+                pairs,
+                flip=args.flip,
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+                squared=distance == "squared_euclidean",
+                far_target=args.far,
+                check_alignment=not args.skip_alignment_check,
+            )
+        except ValueError as e:
+            print(f"facenet-hf evaluate: {e}", file=sys.stderr)
+            return 1
         local = Path(args.model).is_dir()
         out = Path(args.out or (Path(args.model) / "eval" if local else "eval"))
         if local and not args.no_write_threshold:

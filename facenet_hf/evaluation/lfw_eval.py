@@ -15,6 +15,7 @@ from facenet_hf.evaluation.embed import embed_files
 from facenet_hf.evaluation.embeddings_io import pair_distances
 from facenet_hf.evaluation.plots import plot_distance_histogram, plot_roc
 from facenet_hf.evaluation.verification import report_to_json, verification_protocol
+from facenet_hf.faces.tree import folder_alignment
 from facenet_hf.fileio import atomic_write_text
 
 
@@ -31,8 +32,14 @@ def evaluate_lfw(
     far_target: float = 1e-3,
     accelerator=None,
     progress: bool = True,
+    check_alignment: bool = True,
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """Score ``pairs`` (all of its folds) with ``model``; returns the protocol report and the pair distances."""
+    """Score ``pairs`` (all of its folds) with ``model``; returns the protocol report and the pair distances.
+
+    With ``check_alignment`` the images must be what the model expects: a five-point model needs a folder made
+    by ``facenet-hf align`` with its alignment (``alignment.json``), an LFW-crop model one without."""
+    if check_alignment:
+        _check_folder(accelerator.unwrap_model(model) if accelerator else model, lfw_dir)
     paths1, paths2 = pairs.paths()
     unique = sorted(set(paths1) | set(paths2))
     root = Path(lfw_dir)
@@ -59,6 +66,22 @@ def evaluate_lfw(
     report["flip"] = flip
     report["distance"] = "squared_euclidean" if squared else "euclidean"
     return report, distances
+
+
+def _check_folder(model, lfw_dir) -> None:
+    expected, made = getattr(model, "alignment", None), folder_alignment(lfw_dir)
+    if expected == made:
+        return
+    if made is None:
+        raise ValueError(
+            f"the model expects five-point-aligned faces ({expected}) but {lfw_dir} has no alignment.json: align "
+            f"it first (`facenet-hf align {lfw_dir} DST --size {expected['size']} --margin {expected['margin']} "
+            "--select central --no-face center_crop`) and score DST"
+        )
+    raise ValueError(
+        f"{lfw_dir} holds faces aligned as {made}, but the model expects "
+        f"{expected or 'LFW deep-funneled style crops (the original LFW images)'}"
+    )
 
 
 def write_report(

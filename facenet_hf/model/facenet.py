@@ -28,6 +28,7 @@ from torch import nn
 
 from facenet_hf import __version__
 from facenet_hf.constants import DEFAULT_IMAGE_SIZE, DISTANCES
+from facenet_hf.faces.align import AlignmentSpec
 from facenet_hf.fileio import atomic_path, atomic_write_text
 from facenet_hf.model.schema import validate_config
 
@@ -63,6 +64,7 @@ class FaceNet(
         threshold: float | None = None,
         distance: str = "squared_euclidean",
         threshold_flip: str = "sum",
+        alignment: dict | None = None,
         library_version: str = __version__,
     ) -> None:
         super().__init__()
@@ -85,6 +87,8 @@ class FaceNet(
         self.threshold = threshold
         self.distance = distance
         self.threshold_flip = threshold_flip  # the flip TTA mode the threshold was calibrated with
+        # the input it was trained on: an AlignmentSpec dict (five-point crops), None = LFW deep-funneled crops
+        self.alignment = None if alignment is None else AlignmentSpec.from_dict(alignment).to_dict()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # pooled width: timm's head_hidden_size where a pre-logits layer sits after the features (mobilenetv3)
         feat_dim = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
@@ -106,6 +110,9 @@ class FaceNet(
             "threshold": self.threshold,
             "distance": self.distance,
             "threshold_flip": self.threshold_flip,
+            **(
+                {"alignment": self.alignment} if self.alignment is not None else {}
+            ),  # absent: LFW-style crops
             "library_version": __version__,
         }
 
@@ -115,25 +122,39 @@ class FaceNet(
         return F.normalize(emb.float(), dim=-1)
 
     # -- inference helpers ---------------------------------------------------------------------------------
-    def preprocess(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
-        """Images (``PIL.Image`` or file paths) -> float32 ``[N, 3, image_size, image_size]``, the eval
-        preprocessing stored in the config (:func:`facenet_hf.model.inference.preprocess`)."""
+    def preprocess(
+        self, images: ImageLike | Sequence[ImageLike], *, detect: bool | None = None
+    ) -> torch.Tensor:
+        """Images (``PIL.Image`` or file paths) -> float32 ``[N, 3, image_size, image_size]``: detected and
+        aligned like :meth:`embed`, then the eval preprocessing stored in the config
+        (:func:`facenet_hf.model.inference.preprocess`)."""
         from facenet_hf.model.inference import preprocess
 
-        return preprocess(self, images)
+        return preprocess(self, images, detect=detect)
 
     def embed(
-        self, images: ImageLike | Sequence[ImageLike], batch_size: int = 64, flip: str = "off"
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        batch_size: int = 64,
+        flip: str = "off",
+        *,
+        detect: bool | None = None,
     ) -> torch.Tensor:
         """Unit embeddings ``[N, D]`` (float32, on the CPU) of images, in eval mode, without gradients.
 
         ``flip``: ``off``, ``sum`` (normalise(f(x) + f(flipped x))) or ``concat`` (``[N, 2D]``), as in evaluation.
+        ``detect``: find and align the face first, the way the model was trained (``alignment`` in its config);
+        None = when the model was trained on five-point-aligned crops; False = the images already are such
+        crops (or LFW-style crops for an LFW-crop model). An image without a face raises
+        :class:`~facenet_hf.model.inference.NoFaceError` naming it.
         """
         from facenet_hf.model.inference import embed_images
 
-        return embed_images(self, images, batch_size=batch_size, flip=flip)
+        return embed_images(self, images, batch_size=batch_size, flip=flip, detect=detect)
 
-    def verify(self, img1: ImageLike, img2: ImageLike, *, flip: str | None = None) -> tuple[bool, float]:
+    def verify(
+        self, img1: ImageLike, img2: ImageLike, *, flip: str | None = None, detect: bool | None = None
+    ) -> tuple[bool, float]:
         """Same person? Returns ``(distance <= threshold, distance)`` with the stored threshold and distance.
 
         ``flip`` defaults to ``threshold_flip``, the test-time augmentation the threshold was calibrated with.
@@ -141,7 +162,7 @@ class FaceNet(
         """
         from facenet_hf.model.inference import verify_images
 
-        return verify_images(self, img1, img2, flip=flip)
+        return verify_images(self, img1, img2, flip=flip, detect=detect)
 
     def load_backbone_weights(self, path: str | os.PathLike) -> None:
         """Load backbone weights (e.g. ImageNet ones) from a local safetensors file; the classifier is dropped."""

@@ -17,6 +17,7 @@ from torch import nn
 
 from facenet_hf.constants import DEFAULT_EVAL_STEPS, FLIP_MODES
 from facenet_hf.distances import row_distances
+from facenet_hf.faces import LFW_CROP_SPEC, AlignmentSpec, FaceAligner, build_detector
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -25,9 +26,13 @@ ImageLike = Union["Image.Image", str, os.PathLike]
 
 __all__ = [
     "ImageLike",
+    "NoFaceError",
+    "align_for_model",
     "embed_images",
     "flip_embed",
     "is_channels_last",
+    "model_aligner",
+    "model_spec",
     "model_transform",
     "preprocess",
     "verify_images",
@@ -63,6 +68,68 @@ def is_channels_last(model: nn.Module) -> bool:
     return False
 
 
+class NoFaceError(ValueError):
+    """No usable face in an image that had to be detected; names the image and the reason."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        self.source, self.reason = source, reason
+        super().__init__(
+            f"no face to embed in {source}: {reason}. If the image already is an aligned face crop, pass "
+            "detect=False"
+        )
+
+
+DETECT_MIN_SCORE = 0.9  # MTCNN faces scoring lower are ignored when embedding photos (as `facenet-hf align`)
+
+
+def model_spec(model: nn.Module, detect: bool | None) -> AlignmentSpec | None:
+    """The alignment to apply before the model's own preprocessing, or None (the images are used as given).
+
+    A five-point model (``alignment`` in its config) is detected and aligned by default; an LFW-crop model
+    (``alignment`` null) only with ``detect=True``, then onto the mean landmarks of LFW's deep-funneled images
+    at 250 x 250, i.e. the framing it was trained on."""
+    spec = getattr(model, "alignment", None)
+    if detect is False or (detect is None and spec is None):
+        return None
+    return AlignmentSpec.from_dict(spec) if spec is not None else LFW_CROP_SPEC
+
+
+def model_aligner(model: nn.Module, spec: AlignmentSpec) -> FaceAligner:
+    """The model's cached :class:`~facenet_hf.faces.FaceAligner` for ``spec`` (MTCNN on the model's device,
+    the largest face of each image)."""
+    device = next(model.parameters()).device
+    cached = getattr(model, "_facenet_aligner", None)
+    if cached is None or cached.spec != spec or getattr(cached.detector, "device", device) != device:
+        detector = build_detector("mtcnn", device=device, min_score=DETECT_MIN_SCORE)
+        cached = FaceAligner(detector, spec, select="largest")
+        object.__setattr__(model, "_facenet_aligner", cached)  # not a module attribute: never saved
+    return cached
+
+
+def align_for_model(
+    model: nn.Module, images: Sequence[ImageLike], *, detect: bool | None = None
+) -> list[Image.Image]:
+    """The images as the model expects them: decoded, and detected + aligned when :func:`model_spec` says so.
+    Raises :class:`NoFaceError` for an image without a face."""
+    from facenet_hf.data.images import load_image
+
+    decoded = [load_image(img) for img in images]
+    spec = model_spec(model, detect)
+    if spec is None:
+        return decoded
+    results = model_aligner(model, spec).align(decoded)
+    out = []
+    for src, result in zip(images, results, strict=True):
+        if not result.crops:
+            raise NoFaceError(_name(src), result.reason)
+        out.append(result.crops[0])
+    return out
+
+
+def _name(img: ImageLike) -> str:
+    return os.fspath(img) if isinstance(img, (str, os.PathLike)) else f"<{type(img).__name__}>"
+
+
 def _as_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
     from PIL import Image
 
@@ -71,24 +138,31 @@ def _as_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
     return list(images)
 
 
-def preprocess(model: nn.Module, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
-    """Images (``PIL.Image`` or file paths) -> float32 ``[N, 3, image_size, image_size]``, the model's eval
-    preprocessing (:func:`model_transform`)."""
-    from facenet_hf.data.images import load_image
-
+def preprocess(
+    model: nn.Module, images: ImageLike | Sequence[ImageLike], *, detect: bool | None = None
+) -> torch.Tensor:
+    """Images (``PIL.Image`` or file paths) -> float32 ``[N, 3, image_size, image_size]``: detected and aligned
+    as :func:`model_spec` says (None: as the model was trained), then the model's eval preprocessing
+    (:func:`model_transform`)."""
     images = _as_list(images)
     if not images:
         return torch.zeros(0, 3, model.image_size, model.image_size)
     transform = model_transform(model)
-    return torch.stack([transform(load_image(img)) for img in images])
+    return torch.stack([transform(img) for img in align_for_model(model, images, detect=detect)])
 
 
 def embed_images(
-    model: nn.Module, images: ImageLike | Sequence[ImageLike], *, batch_size: int = 64, flip: str = "off"
+    model: nn.Module,
+    images: ImageLike | Sequence[ImageLike],
+    *,
+    batch_size: int = 64,
+    flip: str = "off",
+    detect: bool | None = None,
 ) -> torch.Tensor:
     """Unit embeddings ``[N, D]`` (float32, on the CPU) of images, in eval mode, without gradients.
 
     ``flip``: ``off``, ``sum`` (normalise(f(x) + f(flipped x))) or ``concat`` (``[N, 2D]``), as in evaluation.
+    ``detect``: see :func:`model_spec` (None: as the model was trained).
     """
     if flip not in FLIP_MODES:
         raise ValueError(f"flip must be one of {FLIP_MODES}, got {flip!r}")
@@ -102,7 +176,7 @@ def embed_images(
     try:
         with torch.no_grad():
             for start in range(0, len(images), batch_size):
-                x = preprocess(model, images[start : start + batch_size]).to(device)
+                x = preprocess(model, images[start : start + batch_size], detect=detect).to(device)
                 out.append(flip_embed(model, x, flip).float().cpu())
     finally:
         model.train(was_training)
@@ -112,7 +186,7 @@ def embed_images(
 
 
 def verify_images(
-    model: nn.Module, img1: ImageLike, img2: ImageLike, *, flip: str | None = None
+    model: nn.Module, img1: ImageLike, img2: ImageLike, *, flip: str | None = None, detect: bool | None = None
 ) -> tuple[bool, float]:
     """Same person? ``(distance <= threshold, distance)`` with the model's stored threshold and distance.
 
@@ -126,6 +200,6 @@ def verify_images(
             "one with `facenet-hf evaluate MODEL_DIR --lfw-dir ... --pairs ...`, set `model.threshold`, or "
             "compare the distances of `model.embed(...)` yourself"
         )
-    emb = embed_images(model, [img1, img2], flip=flip)
+    emb = embed_images(model, [img1, img2], flip=flip, detect=detect)
     d = float(row_distances(emb[0], emb[1], squared=model.distance == "squared_euclidean"))
     return d <= model.threshold, d

@@ -33,6 +33,7 @@ CONFIG_FIELDS = (
     "threshold",
     "distance",
     "threshold_flip",
+    "alignment",
     "library_version",
 )
 REQUIRED_CONFIG_FIELDS = ("backbone", "embedding_dim")
@@ -56,7 +57,8 @@ def validate_config(config: Any, *, source: str = "config.json", require: bool =
     is not a registered timm architecture (``hf-hub:``/``local-dir:`` references would fetch or read files at load
     time), ``embedding_dim`` outside [1, 65536], ``image_size`` outside [16, 4096], ``mean``/``std`` not 3 finite
     numbers (std > 0), ``dropout`` outside [0, 1), a negative (or impossible, > the largest distance between unit
-    vectors) ``threshold``, an unknown ``distance``, and ``eval_transforms`` that do not build.
+    vectors) ``threshold``, an unknown ``distance``, ``eval_transforms`` that do not build, and an ``alignment``
+    that is not a valid :class:`~facenet_hf.faces.AlignmentSpec`.
     """
     if not isinstance(config, Mapping):
         raise InvalidConfigError("<root>", f"must be a JSON object, got {type(config).__name__}", source)
@@ -116,6 +118,13 @@ def validate_config(config: Any, *, source: str = "config.json", require: bool =
             raise bad("threshold", f"must be null or a number in [0, {top:g}] (a {distance} distance)")
     if "threshold_flip" in config and config["threshold_flip"] not in FLIP_MODES:
         raise bad("threshold_flip", f"must be one of {list(FLIP_MODES)}")
+    if config.get("alignment") is not None:
+        from facenet_hf.faces.align import AlignmentSpec
+
+        try:
+            AlignmentSpec.from_dict(config["alignment"])
+        except (ValueError, TypeError) as e:
+            raise InvalidConfigError("alignment", f"is not a valid alignment spec: {e}", source) from None
     if "library_version" in config and not isinstance(config["library_version"], str):
         raise bad("library_version", "must be a string")
     if config.get("eval_transforms") is not None:

@@ -20,6 +20,8 @@ from facenet_hf.data.lfw import (
 )
 from facenet_hf.data.prescan import prescan_dataset, scan_files
 from facenet_hf.data.sources import load_source
+from facenet_hf.faces.align import AlignmentSpec
+from facenet_hf.faces.tree import folder_alignment
 from facenet_hf.model import FaceNet
 
 __all__ = ["build_data", "build_model", "check_image_size"]
@@ -41,11 +43,42 @@ def build_model(cfg: Config) -> FaceNet:
         std=std,
         eval_transforms=list(cfg.data.eval_transforms),
         distance="squared_euclidean" if cfg.loss.squared else "euclidean",
+        alignment=alignment_spec(cfg),
     )
     if m.pretrained_weights:
         model.load_backbone_weights(m.pretrained_weights)
     check_image_size(model, cfg)
     return model
+
+
+def alignment_spec(cfg: Config) -> dict | None:
+    """The alignment the model is trained on (its config.json ``alignment``), None for LFW-style crops."""
+    m = cfg.model
+    if m.alignment != "five_point":
+        return None
+    return AlignmentSpec(size=m.align_size, margin=m.align_margin).to_dict()
+
+
+def check_alignment(cfg: Config, folders: list[str]) -> None:
+    """A folder made by ``facenet-hf align`` records its alignment (``alignment.json``): it must be the one the
+    config trains for, else the model would record the wrong input in its config.json; and a five-point model
+    needs such folders (raw images would train and score it on unaligned faces)."""
+    want = alignment_spec(cfg)
+    for folder in folders:
+        made = folder_alignment(folder)
+        if made is None and want is None:
+            continue
+        if made is None:
+            raise ConfigError(
+                f"model.alignment=five_point but {folder} has no alignment.json: it was not made by `facenet-hf "
+                "align`; align it first (`facenet-hf align SRC DST`) and point the config at DST"
+            )
+        if want != made:
+            raise ConfigError(
+                f"{folder} holds faces aligned as {made}, but the config trains for {want or 'LFW-style crops'}: "
+                f"set model.alignment=five_point, model.align_size={made.get('size')} and "
+                f"model.align_margin={made.get('margin')} to match"
+            )
 
 
 def check_image_size(model: FaceNet, cfg: Config) -> None:
@@ -96,6 +129,7 @@ def build_data(cfg: Config, *, bad_images: list | None = None, progress: bool = 
     """
     d = cfg.data
     source = d.train_source or d.lfw_dir
+    check_alignment(cfg, [f for f in {source, d.lfw_dir} if f and Path(f).is_dir()])
     ds = load_source(
         source, image_column=d.image_column, label_column=d.label_column, name_column=d.name_column
     )

@@ -131,7 +131,7 @@ def save_checkpoint(accelerator, state: TrainState, root: Path, keep: int) -> Pa
     """``save_state`` into a temporary folder, then verify-and-rename it (main process), then prune.
 
     A write failure (disk full, permissions, ...) removes the temporary folder and raises
-    :class:`~facenet_hf.CheckpointError` naming the checkpoint and the cause; earlier checkpoints are
+    :class:`CheckpointError` naming the checkpoint and the cause; earlier checkpoints are
     untouched, so ``resume=latest`` continues from the last complete one.
     """
     tmp = tmp_dir_for(root, state.step)

@@ -116,7 +116,13 @@ def train(
     try:
         check_world_size(accelerator)
         return _train(
-            cfg, accelerator, out, progress, loss_fn or build_loss(cfg), step_fn, CallbackList(callbacks)
+            cfg,
+            accelerator,
+            out,
+            progress,
+            build_loss(cfg) if loss_fn is None else loss_fn,
+            step_fn,
+            CallbackList(callbacks),
         )
     finally:
         reset_accelerate_state(accelerator)

@@ -70,7 +70,7 @@ from facenet_hf.constants import (
 )
 from facenet_hf.data.transforms.factory import FaceTransform, build_transform, canonical_steps
 from facenet_hf.data.transforms.loader import BatchTransform, collate_batch
-from facenet_hf.data.transforms.registry import STEPS, StepContext, register_step
+from facenet_hf.data.transforms.registry import STEPS, StepContext, StepFactory, register_step
 
 __all__ = [
     "BAD_IMAGE_POLICIES",
@@ -83,6 +83,7 @@ __all__ = [
     "BatchTransform",
     "FaceTransform",
     "StepContext",
+    "StepFactory",
     "build_transform",
     "canonical_steps",
     "collate_batch",
