@@ -12,7 +12,7 @@ from PIL import Image
 
 from facenet_hf import FaceNet
 from facenet_hf.config import load_config
-from facenet_hf.faces import LFW_CROP_SPEC, AlignmentSpec, FaceAligner, MTCNNDetector
+from facenet_hf.faces import LFW_FRAMING_SPEC, AlignmentSpec, FaceAligner, MTCNNDetector
 from facenet_hf.model import InvalidConfigError, validate_config
 from facenet_hf.model.inference import NoFaceError
 from facenet_hf.training.build import build_model
@@ -84,7 +84,9 @@ def test_an_lfw_crop_model_can_take_photos_through_the_lfw_template(photo, lfw_s
     original = lfw_sample / "lfw-deepfunneled" / "Abdullah" / "Abdullah_0002.jpg"
     assert model.embed(photo).shape == (1, 16)  # detect=None: an LFW-crop model uses images as given
     via_template = model.embed(photo, detect=True)  # the photo warped to LFW's deep-funneled framing
-    crop = FaceAligner(MTCNNDetector(device="cpu", min_score=0.9), LFW_CROP_SPEC).align([photo])[0].crops[0]
+    crop = (
+        FaceAligner(MTCNNDetector(device="cpu", min_score=0.9), LFW_FRAMING_SPEC).align([photo])[0].crops[0]
+    )
     assert crop.size == (250, 250)
     torch.testing.assert_close(via_template, model.embed(crop))
     # and that framing is close to the real deep-funneled image: the same face lands in the same place

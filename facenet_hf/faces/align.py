@@ -23,7 +23,7 @@ __all__ = [
     "ALIGNMENT_KINDS",
     "ARCFACE_TEMPLATE_112",
     "FACE_SELECTIONS",
-    "LFW_CROP_SPEC",
+    "LFW_FRAMING_SPEC",
     "LFW_TEMPLATE_250",
     "TEMPLATES",
     "AlignmentKind",
@@ -257,5 +257,5 @@ def choose_faces(faces: Sequence[Face], image_size: tuple[int, int], policy: Fac
     return [min(faces, key=key)]
 
 
-LFW_CROP_SPEC = AlignmentSpec(kind="five_point", size=250, template="lfw_deepfunneled")
+LFW_FRAMING_SPEC = AlignmentSpec(kind="five_point", size=250, template="lfw_deepfunneled")
 """A raw photo as an LFW deep-funneled style 250x250 image (what LFW-crop models take)."""

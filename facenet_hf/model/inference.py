@@ -17,7 +17,7 @@ from torch import nn
 
 from facenet_hf.constants import DEFAULT_EVAL_STEPS, FLIP_MODES
 from facenet_hf.distances import row_distances
-from facenet_hf.faces import LFW_CROP_SPEC, AlignmentSpec, FaceAligner, build_detector
+from facenet_hf.faces import LFW_FRAMING_SPEC, AlignmentSpec, FaceAligner, build_detector
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -91,7 +91,7 @@ def model_spec(model: nn.Module, detect: bool | None) -> AlignmentSpec | None:
     spec = getattr(model, "alignment", None)
     if detect is False or (detect is None and spec is None):
         return None
-    return AlignmentSpec.from_dict(spec) if spec is not None else LFW_CROP_SPEC
+    return AlignmentSpec.from_dict(spec) if spec is not None else LFW_FRAMING_SPEC
 
 
 def model_aligner(model: nn.Module, spec: AlignmentSpec) -> FaceAligner:
