@@ -649,3 +649,23 @@ def test_steps_that_do_not_end_in_normalize_are_not_batched() -> None:
     assert not t.batchable  # a tensor step after normalize: the per-image path
     out = BatchTransform(t)(_batch(3))
     assert out["pixel_values"].shape == (3, 3, S, S)
+
+
+def test_seeded_augmentations_do_not_depend_on_where_the_dataset_lives(tmp_path: Path) -> None:
+    # the same Name/file.jpg tree under two different roots: the same batch draws the same augmentations
+    (tmp_path / "a" / "Person").mkdir(parents=True)
+    files = _real_jpegs(tmp_path / "a" / "Person")
+    shutil.copytree(tmp_path / "a", tmp_path / "somewhere" / "else")
+    bt = BatchTransform(_build(DEFAULT_TRAIN_STEPS), seed=3)
+
+    def batch(root: Path) -> dict:
+        return {
+            "image": [{"path": str(root / "Person" / f.name), "bytes": None} for f in files],
+            "label": [0] * len(files),
+        }
+
+    moved = tmp_path / "somewhere" / "else"
+    a, b = bt(batch(tmp_path / "a")), bt(batch(moved))
+    assert torch.equal(a["pixel_values"], b["pixel_values"])
+    other = BatchTransform(_build(DEFAULT_TRAIN_STEPS), seed=4)(batch(moved))
+    assert not torch.equal(a["pixel_values"], other["pixel_values"])  # the seed still matters

@@ -39,7 +39,7 @@ class BatchTransform:
     takes, without the copy it would otherwise make).
 
     ``seed``: None draws the augmentations from torch's global RNG (seeded per worker by the DataLoader). An int
-    seeds each batch's augmentations from ``(seed, epoch, the batch's image paths)`` (see :meth:`set_epoch`): the same batch is augmented the
+    seeds each batch's augmentations from ``(seed, epoch, the batch's images' folder/file names)`` (see :meth:`set_epoch`): the same batch is augmented the
     same way whichever process or worker builds it and however much of the global RNG the training loop has
     consumed, so a resumed run sees exactly the images an uninterrupted one would; the global RNG is untouched.
     """
@@ -184,17 +184,23 @@ def _path_of(obj: Any) -> str | None:
 
 
 def _identify(obj: Any) -> str:
-    """A cheap stable identity for an image row: its path, else a checksum of its bytes."""
+    """A cheap stable identity for an image row: its file's folder and name (``Name/file.jpg``: the same
+    wherever the dataset lives, so a run moved to another folder or machine draws the same augmentations), else
+    a checksum of its bytes."""
     if isinstance(obj, dict):
         if obj.get("path"):
-            return str(obj["path"])
+            return _last_two(str(obj["path"]))
         data = obj.get("bytes")
         return f"crc:{zlib.crc32(data)}" if data else ""
     if isinstance(obj, (str, os.PathLike)):
-        return str(obj)
+        return _last_two(os.fspath(obj))
     if isinstance(obj, (bytes, bytearray)):
         return f"crc:{zlib.crc32(obj)}"
     return str(id(obj))
+
+
+def _last_two(path: str) -> str:
+    return "/".join(path.replace(os.sep, "/").rsplit("/", 2)[-2:])
 
 
 def _restack(rows: Sequence[torch.Tensor]) -> torch.Tensor:
