@@ -188,3 +188,23 @@ def test_bad_arguments_are_clear(messy, aligned, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["align", str(root), str(tmp_path / "o"), "--shard", "3/2"])
     assert "0 <= i < n" in capsys.readouterr().err
+
+
+def test_the_lfw_template_makes_lfw_style_images(messy, tmp_path):
+    root, _ = messy
+    out = tmp_path / "lfw_style"
+    assert (
+        cli_main(["align", str(root), str(out), "--template", "lfw_deepfunneled", "--size", "250", "--quiet"])
+        == 0
+    )
+    spec = json.loads((out / "alignment.json").read_text())["spec"]
+    assert spec == AlignmentSpec(size=250, template="lfw_deepfunneled").to_dict()
+    (row,) = _by_src(out / "manifest.csv")["Odd/huge.jpg"]
+    crop = Image.open(out / row["dst"])
+    assert crop.size == (250, 250)
+    # the face found in the corner of the 3000 x 2400 photo now sits where LFW's faces sit: re-detected, its
+    # eyes are within a few px of LFW's median eye positions
+    (face,) = MTCNNDetector(device="cpu", min_score=0.9).detect([crop])[0][:1]
+    from facenet_hf.faces import LFW_TEMPLATE_250
+
+    assert np.abs(face.landmarks[:2] - LFW_TEMPLATE_250[:2]).max() < 8

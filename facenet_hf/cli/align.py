@@ -42,6 +42,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--margin", type=float, default=0.0, help="extra border around the template, in [0, 1)")
     p.add_argument(
+        "--template",
+        choices=("arcface", "lfw_deepfunneled"),
+        default="arcface",
+        help="landmark template: ArcFace's, or LFW's deep-funneled framing (with --size 250: LFW-style images)",
+    )
+    p.add_argument(
         "--select",
         choices=("largest", "central", "all"),
         default="largest",
@@ -92,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging()
     try:
-        spec = AlignmentSpec(size=args.size, margin=args.margin)
+        spec = AlignmentSpec(size=args.size, margin=args.margin, template=args.template)
         aligner = FaceAligner(
             build_detector(
                 "mtcnn",
