@@ -79,8 +79,8 @@ def parser() -> argparse.ArgumentParser:
 
 def keep_freed_memory() -> bool:
     """Ask glibc to keep freed memory for reuse: MTCNN allocates and frees large pyramids for every batch, and
-    with glibc's defaults a long run spent 40% of its CPU time in the kernel re-mapping them (9.5 against 35
-    images/s on LFW, docs/alignment.md). No-op (False) without glibc."""
+    with glibc's defaults a long run spent 40% of its CPU time in the kernel re-mapping them (about 10 against
+    34.7 images/s on LFW, docs/alignment.md). No-op (False) without glibc."""
     import ctypes
 
     try:
