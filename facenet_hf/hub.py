@@ -214,12 +214,36 @@ def _card_body(
         )
     else:
         out.append("| Verification threshold | not calibrated (`threshold` is null in config.json) |")
+    out += _calibration_rows(config.get("calibration"))
     out += ["", "`config.json` holds all of the above; `FaceNet.from_pretrained` restores it.", ""]
     out += _evaluation_section(report, roc)
     out += _training_section(train_config, training_info)
     out += _usage_section(repo_id, threshold, flip)
     out += _limitations_section(threshold is not None)
     return "\n".join(out).rstrip() + "\n"
+
+
+def _calibration_rows(cal: Mapping[str, Any] | None) -> list[str]:
+    """Model-card rows for a ``calibration`` (P(same | distance), thresholds at FARs) and the data it was fitted on."""
+    if not cal:
+        return ["| Calibrated score | none (`facenet-hf calibrate` fits one) |"]
+    fitted = cal.get("fitted_on") or {}
+    where = ", ".join(
+        f"{k} {v}" for k, v in fitted.items() if k not in ("n_pairs", "n_matched", "n_mismatched")
+    )
+    rows = [
+        f"| Calibrated score | P(same person) by {cal['method']} regression on the distance, fitted on "
+        f"{fitted.get('n_pairs', '?')} pairs ({fitted.get('n_matched', '?')} matched, "
+        f"{fitted.get('n_mismatched', '?')} mismatched{'; ' + where if where else ''}), flip `{cal.get('flip')}` |"
+    ]
+    for far in (1e-3, 1e-2):
+        match = [r for r in cal.get("far_table", []) if abs(r[0] - far) < 1e-12]
+        if match:
+            rows.append(
+                f"| Threshold at FAR={far:g} | {match[0][1]:.4f} (TAR {100 * match[0][2]:.2f}% on the calibration "
+                "pairs) |"
+            )
+    return rows
 
 
 def _evaluation_section(report: Mapping[str, Any] | None, roc: str | None) -> list[str]:

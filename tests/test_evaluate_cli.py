@@ -9,20 +9,17 @@ import numpy as np
 import pytest
 from conftest import load_recipe, tiny_train_args
 
-from facenet_hf import FaceNet
 from facenet_hf.cli import main as cli_main
 from facenet_hf.data.lfw import read_pairs
 from facenet_hf.evaluation.embeddings_io import save_embeddings
 
 
 @pytest.mark.slow
-def test_evaluate_trained_model_writes_report_plots_and_threshold(lfw_sample, tmp_path, capsys):
+def test_evaluate_trained_model_writes_report_and_plots_and_leaves_the_model_alone(lfw_sample, tmp_path, capsys):
     run = tmp_path / "run"
     assert load_recipe("train_r18_lfw").main(tiny_train_args(lfw_sample, run, "--train.max_steps=2")) == 0
     model_dir = run / "model"
-    cfg = json.loads((model_dir / "config.json").read_text())
-    cfg["threshold"] = None
-    (model_dir / "config.json").write_text(json.dumps(cfg))
+    before = (model_dir / "config.json").read_bytes()
     out = tmp_path / "eval"
     argv = ["evaluate", str(model_dir), "--lfw-dir", str(lfw_sample / "lfw-deepfunneled")]
     argv += [
@@ -37,11 +34,13 @@ def test_evaluate_trained_model_writes_report_plots_and_threshold(lfw_sample, tm
     ]
     assert cli_main(argv) == 0
     report = json.loads((out / "lfw_report.json").read_text())
-    assert report["folds"] == list(range(1, 11)) and report["n_pairs"] == 120
+    assert report["folds"] == list(range(1, 11)) and report["n_pairs"] == 120 and report["flip"] == "concat"
     for png in ("lfw_roc.png", "lfw_distances.png"):
         assert (out / png).stat().st_size > 10_000
-    model = FaceNet.from_pretrained(model_dir)
-    assert model.threshold == pytest.approx(report["threshold"]) and model.threshold_flip == "concat"
+    # scoring is read-only: scoring on other data never changes how the model verifies
+    assert (model_dir / "config.json").read_bytes() == before
+    assert cli_main([*argv, "--no-write-threshold"]) == 0  # the old opt-out still parses
+    assert (model_dir / "config.json").read_bytes() == before
     assert "accuracy" in capsys.readouterr().out
 
 

@@ -44,6 +44,7 @@ LAYERS = [
     {"data", "losses", "faces"},
     {"model"},
     {"evaluation", "hub"},
+    {"apps", "export"},
     {"training"},
     {"cli"},
 ]

@@ -144,10 +144,11 @@ def test_missing_config_or_bad_keyword_is_refused(tmp_path):
 
 def test_validate_config_accepts_what_save_pretrained_writes(tmp_path):
     model = _tiny(threshold=1.2, eval_transforms=[{"face_crop": {"fraction": 0.7}}, "resize"])
-    # the validator knows every field save_pretrained writes (alignment only for a five-point model)
-    assert set(CONFIG_FIELDS) == set(model.config) | {"alignment"}
+    # the validator knows every field save_pretrained writes (alignment only for a five-point model,
+    # calibration only once calibrated)
+    assert set(CONFIG_FIELDS) == set(model.config) | {"alignment", "calibration"}
     aligned = _tiny(alignment={"kind": "five_point", "size": 112})
-    assert set(CONFIG_FIELDS) == set(aligned.config)
+    assert set(CONFIG_FIELDS) == set(aligned.config) | {"calibration"}
     validate_config(aligned.config)
     validate_config(model.config)
     validate_config(json.loads(json.dumps(model.config)))
@@ -190,7 +191,7 @@ def test_preprocess_and_embed_follow_the_stored_eval_transform(tmp_path):
 def test_verify_uses_the_stored_threshold_and_distance():
     a, b = _images(2)
     model = _tiny()
-    with pytest.raises(ValueError, match=r"no calibrated verification threshold.*facenet-hf evaluate"):
+    with pytest.raises(ValueError, match=r"no calibrated verification threshold.*facenet-hf calibrate"):
         model.verify(a, b)
     model.threshold = 4.0
     same, d = model.verify(a, a)

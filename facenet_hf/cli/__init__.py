@@ -15,6 +15,8 @@ COMMANDS = {
     "evaluate": "facenet_hf.cli.evaluate",
     "push": "facenet_hf.cli.push",
     "align": "facenet_hf.cli.align",
+    "calibrate": "facenet_hf.cli.calibrate",
+    "verify": "facenet_hf.cli.verify",
 }
 
 

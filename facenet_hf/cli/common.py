@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import sys
+from typing import Any
 
 from facenet_hf.config import ConfigError
 
-__all__ = ["overrides_from_argv", "setup_logging"]
+__all__ = ["load_model_or_error", "overrides_from_argv", "progress_enabled", "setup_logging"]
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -33,3 +35,25 @@ def overrides_from_argv(rest: list[str]) -> list[str]:
         else:
             raise ConfigError(f"argument {tok!r} needs a value: use --{key} VALUE or {key}=VALUE")
     return out
+
+
+def load_model_or_error(command: str, model_id: str, *, revision: str | None = None) -> Any:
+    """``FaceNet.from_pretrained(model_id)``, or None after printing why it cannot be loaded (one line, stderr)."""
+    from facenet_hf.model import FaceNet, InvalidConfigError
+
+    try:
+        return FaceNet.from_pretrained(model_id, revision=revision)
+    except (
+        FileNotFoundError,
+        InvalidConfigError,
+        KeyError,
+        OSError,
+    ) as e:  # e.g. pickle-only weights: refused
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"facenet-hf {command}: cannot load model {model_id}: {msg}", file=sys.stderr)
+        return None
+
+
+def progress_enabled() -> bool:
+    """Progress bars only on a terminal: a log file gets no carriage-return floods."""
+    return sys.stderr.isatty()

@@ -1,4 +1,6 @@
-"""``facenet-hf evaluate``: score a model, or precomputed embeddings, on LFW's verification protocol."""
+"""``facenet-hf evaluate``: score a model, or precomputed embeddings, on LFW's verification protocol.
+
+Read-only: the model's config is never changed (``facenet-hf calibrate`` fits and stores thresholds)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,11 @@ __all__ = ["main"]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="facenet-hf evaluate",
-        description="Score a model (or precomputed embeddings) on LFW's verification protocol.",
+        description="Score a model (or precomputed embeddings) on LFW's verification protocol. Read-only: "
+        "the model is not changed (store a threshold and calibrated score with `facenet-hf calibrate`).",
+        epilog="example:\n  facenet-hf evaluate runs/r18/model --lfw-dir lfw/lfw-deepfunneled --pairs lfw/pairs.txt "
+        "--folds 10",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "model", nargs="?", help="model folder or Hub repo id (cached); omit with --embeddings"
@@ -38,11 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="score images that are not what the model expects (e.g. unaligned photos for a five-point model)",
     )
-    parser.add_argument(
-        "--no-write-threshold",
-        action="store_true",
-        help="do not store the calibrated threshold in MODEL/config.json",
-    )
+    # scoring is read-only: `facenet-hf calibrate` stores thresholds; the old opt-out is accepted and ignored
+    parser.add_argument("--no-write-threshold", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if bool(args.model) == bool(args.embeddings):
         parser.error("give either MODEL or --embeddings FILE")
@@ -86,11 +89,6 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         local = Path(args.model).is_dir()
         out = Path(args.out or (Path(args.model) / "eval" if local else "eval"))
-        if local and not args.no_write_threshold:
-            model.threshold = float(report["threshold"])
-            model.distance = distance
-            model.threshold_flip = args.flip
-            model.write_config(args.model)
     paths = write_report(report, distances, pairs.is_same, out)
     print(
         f"{report['protocol']}: accuracy {100 * report['accuracy_mean']:.2f} +- {100 * report['accuracy_std']:.2f}%"

@@ -24,9 +24,13 @@ _EXPORTS = {
     "save_embeddings": "embeddings_io",
     "load_embeddings": "embeddings_io",
     "pair_distances": "embeddings_io",
+    "EmbeddingTable": "embeddings_io",
+    "read_table": "embeddings_io",
+    "write_table": "embeddings_io",
 }
 
 __all__ = [
+    "EmbeddingTable",
     "FaceVerification",
     "best_threshold",
     "equal_error_rate",
@@ -34,6 +38,7 @@ __all__ = [
     "pair_distances",
     "plot_distance_histogram",
     "plot_roc",
+    "read_table",
     "report_to_json",
     "retrieval_metrics",
     "roc_auc",
@@ -42,10 +47,18 @@ __all__ = [
     "stratified_subfolds",
     "threshold_at_far",
     "verification_protocol",
+    "write_table",
 ]
 
 if TYPE_CHECKING:
-    from .embeddings_io import load_embeddings, pair_distances, save_embeddings
+    from .embeddings_io import (
+        EmbeddingTable,
+        load_embeddings,
+        pair_distances,
+        read_table,
+        save_embeddings,
+        write_table,
+    )
     from .metric import FaceVerification
     from .plots import plot_distance_histogram, plot_roc
     from .retrieval import retrieval_metrics

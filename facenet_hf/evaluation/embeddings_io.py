@@ -1,13 +1,16 @@
 """Embedding files (``.npz`` / ``.parquet``) and pair distances looked up by image path.
 
 * ``.npz``: arrays ``paths`` (str) and ``embeddings`` (float32, N x D).
-* ``.parquet``: columns ``path`` (string) and ``embedding`` (list of float32), one row per image.
+* ``.parquet``: columns ``path`` (string) and ``embedding`` (list of float32), one row per image (per face when
+  detection ran); optional columns ``identity`` (string), ``face_index`` (int32, -1 = the whole image) and ``box``
+  (4 float32: x1, y1, x2, y2 in the source image). :func:`read_table` / :func:`write_table` read and write them all.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,15 @@ import numpy as np
 from facenet_hf.distances import row_distances
 from facenet_hf.fileio import atomic_path
 
-__all__ = ["SUFFIXES", "load_embeddings", "pair_distances", "save_embeddings"]
+__all__ = [
+    "SUFFIXES",
+    "EmbeddingTable",
+    "load_embeddings",
+    "pair_distances",
+    "read_table",
+    "save_embeddings",
+    "write_table",
+]
 
 SUFFIXES = (".npz", ".parquet")
 
@@ -42,6 +53,16 @@ def _check(paths: Sequence[str], emb: np.ndarray, where: str) -> None:
         raise ValueError(f"{where}: {len(paths)} paths but {emb.shape[0]} embedding rows; they must match")
 
 
+def _embedding_column(emb: np.ndarray):
+    import pyarrow as pa
+
+    n, dim = emb.shape
+    values = pa.array(emb.reshape(-1), type=pa.float32())
+    large = n * dim >= 2**31  # int32 list offsets would overflow
+    offsets = pa.array(np.arange(n + 1, dtype=np.int64) * dim, type=pa.int64() if large else pa.int32())
+    return (pa.LargeListArray if large else pa.ListArray).from_arrays(offsets, values)
+
+
 def save_embeddings(path: str | os.PathLike, paths: Sequence[str], embeddings: Any) -> Path:
     """Write ``paths`` and ``embeddings`` (N x D, stored as float32) to ``.npz`` or ``.parquet``; return the path.
 
@@ -63,14 +84,7 @@ def save_embeddings(path: str | os.PathLike, paths: Sequence[str], embeddings: A
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            n, dim = emb.shape
-            values = pa.array(emb.reshape(-1), type=pa.float32())
-            large = n * dim >= 2**31  # int32 list offsets would overflow
-            offsets = pa.array(
-                np.arange(n + 1, dtype=np.int64) * dim, type=pa.int64() if large else pa.int32()
-            )
-            column = (pa.LargeListArray if large else pa.ListArray).from_arrays(offsets, values)
-            table = pa.table({"path": pa.array(paths, type=pa.string()), "embedding": column})
+            table = pa.table({"path": pa.array(paths, type=pa.string()), "embedding": _embedding_column(emb)})
             pq.write_table(table, tmp)
     return out
 
@@ -86,7 +100,7 @@ def _load_npz(path: Path) -> tuple[list[str], np.ndarray]:
         return [str(p) for p in data["paths"].tolist()], np.asarray(data["embeddings"], dtype=np.float32)
 
 
-def _load_parquet(path: Path) -> tuple[list[str], np.ndarray]:
+def _load_parquet(path: Path, extra: Sequence[str] = ()) -> tuple[list[str], np.ndarray, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -97,7 +111,7 @@ def _load_parquet(path: Path) -> tuple[list[str], np.ndarray]:
             f"{path}: missing column(s) {missing}; an embeddings .parquet needs 'path' (string) and "
             f"'embedding' (list of floats), found {names}"
         )
-    table = pq.read_table(path, columns=["path", "embedding"])
+    table = pq.read_table(path, columns=["path", "embedding", *[c for c in extra if c in names]])
     col = table.column("embedding").combine_chunks()
     if not (
         pa.types.is_list(col.type)
@@ -119,7 +133,7 @@ def _load_parquet(path: Path) -> tuple[list[str], np.ndarray]:
     paths = table.column("path").to_pylist()
     if any(p is None for p in paths):
         raise ValueError(f"{path}: column 'path' has null value(s)")
-    return [str(p) for p in paths], emb
+    return [str(p) for p in paths], emb, table
 
 
 def load_embeddings(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
@@ -128,9 +142,138 @@ def load_embeddings(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     suffix = _suffix(src)
     if not src.is_file():
         raise FileNotFoundError(f"embedding file not found: {src}")
-    paths, emb = _load_npz(src) if suffix == ".npz" else _load_parquet(src)
+    paths, emb = _load_npz(src) if suffix == ".npz" else _load_parquet(src)[:2]
     _check(paths, emb, str(src))
     return paths, emb
+
+
+@dataclass
+class EmbeddingTable:
+    """Rows of an embeddings file: one per image, or one per face when detection ran.
+
+    ``identities``: the person of each row when known (None: no identity column); ``face_index``: -1 for a whole
+    image, else the face's index in its photo; ``boxes``: (N, 4) float32 face boxes (NaN for whole images).
+    """
+
+    paths: list[str]
+    embeddings: np.ndarray
+    identities: list[str | None] | None = None
+    face_index: np.ndarray | None = None
+    boxes: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.paths = [str(p) for p in self.paths]
+        self.embeddings = np.asarray(self.embeddings, dtype=np.float32)
+        _check(self.paths, self.embeddings, "EmbeddingTable")
+        n = len(self.paths)
+        if self.face_index is not None:
+            self.face_index = np.asarray(self.face_index, dtype=np.int32).reshape(-1)
+        if self.boxes is not None:
+            self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
+        for name in ("identities", "face_index", "boxes"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise ValueError(f"EmbeddingTable: {len(value)} {name} for {n} rows; they must match")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    @property
+    def keys(self) -> list[str]:
+        """A unique name per row: the path, with ``#face_index`` appended for detected faces."""
+        if self.face_index is None:
+            return list(self.paths)
+        return [p if int(f) < 0 else f"{p}#{int(f)}" for p, f in zip(self.paths, self.face_index, strict=True)]
+
+    def select(self, rows: Any) -> EmbeddingTable:
+        """The table restricted to ``rows`` (indices or a boolean mask), in that order."""
+        idx = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows, dtype=np.int64)
+        return EmbeddingTable(
+            [self.paths[i] for i in idx],
+            self.embeddings[idx],
+            None if self.identities is None else [self.identities[i] for i in idx],
+            None if self.face_index is None else self.face_index[idx],
+            None if self.boxes is None else self.boxes[idx],
+        )
+
+    @classmethod
+    def concat(cls, tables: Sequence[EmbeddingTable]) -> EmbeddingTable:
+        """Rows of several tables, in order (their dimensions must agree)."""
+        if not tables:
+            raise ValueError("EmbeddingTable.concat needs at least one table")
+        dims = {t.dim for t in tables if len(t)}
+        if len(dims) > 1:
+            raise ValueError(f"cannot concatenate embeddings of different dimensions {sorted(dims)}")
+
+        def col(name, fill):
+            if all(getattr(t, name) is None for t in tables):
+                return None
+            return [v for t in tables for v in (getattr(t, name) if getattr(t, name) is not None else fill(t))]
+
+        dim = dims.pop() if dims else tables[0].dim
+        face = col("face_index", lambda t: [-1] * len(t))
+        boxes = col("boxes", lambda t: [[np.nan] * 4] * len(t))
+        return cls(
+            [p for t in tables for p in t.paths],
+            np.concatenate([t.embeddings.reshape(-1, dim) for t in tables]),
+            col("identities", lambda t: [None] * len(t)),
+            None if face is None else np.asarray(face, dtype=np.int32),
+            None if boxes is None else np.asarray(boxes, dtype=np.float32),
+        )
+
+
+def write_table(path: str | os.PathLike, table: EmbeddingTable) -> Path:
+    """Write an :class:`EmbeddingTable` to ``.parquet`` (all columns) atomically; row keys must be unique."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(path)
+    if out.suffix.lower() != ".parquet":
+        raise ValueError(f"embedding table {str(out)!r} must be a .parquet file (got suffix {out.suffix!r})")
+    dups = _duplicates(table.keys)
+    if dups:
+        raise ValueError(f"{out}: rows must be unique (path, face), {len(dups)} repeated, e.g. {dups[:5]}")
+    cols: dict[str, Any] = {"path": pa.array(table.paths, type=pa.string())}
+    if table.identities is not None:
+        cols["identity"] = pa.array(table.identities, type=pa.string())
+    if table.face_index is not None:
+        cols["face_index"] = pa.array(table.face_index, type=pa.int32())
+    if table.boxes is not None:
+        cols["box"] = pa.FixedSizeListArray.from_arrays(
+            pa.array(table.boxes.reshape(-1), type=pa.float32()), 4
+        )
+    cols["embedding"] = _embedding_column(table.embeddings)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        pq.write_table(pa.table(cols), tmp)
+    return out
+
+
+def read_table(path: str | os.PathLike) -> EmbeddingTable:
+    """Read an embeddings file (``.parquet`` with its optional columns, or ``.npz``) as an :class:`EmbeddingTable`."""
+    src = Path(path)
+    suffix = _suffix(src)
+    if not src.is_file():
+        raise FileNotFoundError(f"embedding file not found: {src}")
+    if suffix == ".npz":
+        paths, emb = _load_npz(src)
+        return EmbeddingTable(paths, emb)
+    paths, emb, table = _load_parquet(src, extra=("identity", "face_index", "box"))
+    names = table.column_names
+    identities = table.column("identity").to_pylist() if "identity" in names else None
+    face = table.column("face_index").to_numpy(zero_copy_only=False) if "face_index" in names else None
+    boxes = None
+    if "box" in names:
+        rows = table.column("box").to_pylist()
+        boxes = np.asarray([r if r is not None else [np.nan] * 4 for r in rows], dtype=np.float32).reshape(-1, 4)
+    try:
+        return EmbeddingTable(paths, emb, identities, face, boxes)
+    except ValueError as e:
+        raise ValueError(f"{src}: {e}") from None
 
 
 def _row_map(path_to_row: Mapping[str, int] | Sequence[str], n_rows: int) -> Mapping[str, int]:

@@ -30,6 +30,7 @@ from facenet_hf import __version__
 from facenet_hf.constants import DEFAULT_IMAGE_SIZE, DISTANCES
 from facenet_hf.faces.align import AlignmentSpec
 from facenet_hf.fileio import atomic_path, atomic_write_text
+from facenet_hf.model.calibration import Calibration
 from facenet_hf.model.schema import validate_config
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ class FaceNet(
         distance: str = "squared_euclidean",
         threshold_flip: str = "sum",
         alignment: dict | None = None,
+        calibration: dict | None = None,
         library_version: str = __version__,
     ) -> None:
         super().__init__()
@@ -89,6 +91,8 @@ class FaceNet(
         self.threshold_flip = threshold_flip  # the flip TTA mode the threshold was calibrated with
         # the input it was trained on: an AlignmentSpec dict (five-point crops), None = LFW deep-funneled crops
         self.alignment = None if alignment is None else AlignmentSpec.from_dict(alignment).to_dict()
+        # P(same | distance) and thresholds at FARs, fitted by `facenet-hf calibrate` (a Calibration dict)
+        self.calibration = None if calibration is None else Calibration.from_dict(calibration).to_dict()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # pooled width: timm's head_hidden_size where a pre-logits layer sits after the features (mobilenetv3)
         feat_dim = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
@@ -113,6 +117,7 @@ class FaceNet(
             **(
                 {"alignment": self.alignment} if self.alignment is not None else {}
             ),  # absent: LFW-style crops
+            **({"calibration": self.calibration} if self.calibration is not None else {}),
             "library_version": __version__,
         }
 

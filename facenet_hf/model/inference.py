@@ -197,7 +197,7 @@ def verify_images(
     if model.threshold is None:
         raise ValueError(
             "this model has no calibrated verification threshold (config.json 'threshold' is null): calibrate "
-            "one with `facenet-hf evaluate MODEL_DIR --lfw-dir ... --pairs ...`, set `model.threshold`, or "
+            "one with `facenet-hf calibrate MODEL_DIR --lfw-dir ... --pairs ...`, set `model.threshold`, or "
             "compare the distances of `model.embed(...)` yourself"
         )
     emb = embed_images(model, [img1, img2], flip=flip, detect=detect)

@@ -34,6 +34,7 @@ CONFIG_FIELDS = (
     "distance",
     "threshold_flip",
     "alignment",
+    "calibration",
     "library_version",
 )
 REQUIRED_CONFIG_FIELDS = ("backbone", "embedding_dim")
@@ -57,8 +58,9 @@ def validate_config(config: Any, *, source: str = "config.json", require: bool =
     is not a registered timm architecture (``hf-hub:``/``local-dir:`` references would fetch or read files at load
     time), ``embedding_dim`` outside [1, 65536], ``image_size`` outside [16, 4096], ``mean``/``std`` not 3 finite
     numbers (std > 0), ``dropout`` outside [0, 1), a negative (or impossible, > the largest distance between unit
-    vectors) ``threshold``, an unknown ``distance``, ``eval_transforms`` that do not build, and an ``alignment``
-    that is not a valid :class:`~facenet_hf.faces.AlignmentSpec`.
+    vectors) ``threshold``, an unknown ``distance``, ``eval_transforms`` that do not build, an ``alignment``
+    that is not a valid :class:`~facenet_hf.faces.AlignmentSpec` and a ``calibration`` that is not a valid
+    :class:`~facenet_hf.model.calibration.Calibration` of the model's distance.
     """
     if not isinstance(config, Mapping):
         raise InvalidConfigError("<root>", f"must be a JSON object, got {type(config).__name__}", source)
@@ -125,6 +127,19 @@ def validate_config(config: Any, *, source: str = "config.json", require: bool =
             AlignmentSpec.from_dict(config["alignment"])
         except (ValueError, TypeError) as e:
             raise InvalidConfigError("alignment", f"is not a valid alignment spec: {e}", source) from None
+    if config.get("calibration") is not None:
+        from facenet_hf.model.calibration import Calibration
+
+        try:
+            cal = Calibration.from_dict(config["calibration"])
+        except (ValueError, TypeError) as e:
+            raise InvalidConfigError("calibration", f"is not a valid calibration: {e}", source) from None
+        if cal.distance != distance:
+            raise InvalidConfigError(
+                "calibration",
+                f"was fitted on {cal.distance} distances but the model's distance is {distance!r}: recalibrate",
+                source,
+            )
     if "library_version" in config and not isinstance(config["library_version"], str):
         raise bad("library_version", "must be a string")
     if config.get("eval_transforms") is not None:
