@@ -16,6 +16,7 @@ COMMANDS = {
     "push": "facenet_hf.cli.push",
     "align": "facenet_hf.cli.align",
     "calibrate": "facenet_hf.cli.calibrate",
+    "embed": "facenet_hf.cli.embed",
     "verify": "facenet_hf.cli.verify",
 }
 
