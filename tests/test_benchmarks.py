@@ -139,3 +139,44 @@ def test_align(lfw_sample, tmp_path, capsys):
     assert set(results) == {"detect_batched", "detect_single", "align_batched", "align_single", "warp"}
     assert all(r["images_per_second"] > 0 for r in results.values())
     assert "batched / one by one" in capsys.readouterr().out
+
+
+def test_identify(tmp_path, capsys):
+    out = tmp_path / "identify.json"
+    argv = ["--quick", "--rows", "2000", "--queries", "64", "--single-queries", "8", "--out", str(out)]
+    assert load_bench("bench_identify").main(argv) == 0
+    data = json.loads(out.read_text())
+    rows = {(r["backend"], r["batch_size"]): r for r in data["results"]}
+    assert set(rows) == {(b, n) for b in ("exact", "faiss", "faiss-hnsw") for n in (1, 64)}
+    assert all(r["queries_per_second"] > 0 for r in rows.values())
+    assert rows[("exact", 1)]["queries"] == 8 and rows[("exact", 64)]["queries"] == 64
+    # faiss's flat index is exact: the same people as the torch search; HNSW is measured against it
+    assert rows[("faiss", 64)]["top1_agreement"] == 1.0 and rows[("faiss", 64)]["topk_overlap"] == 1.0
+    assert 0.0 <= rows[("faiss-hnsw", 64)]["top1_agreement"] <= 1.0 and rows[("faiss-hnsw", 1)]["build_s"] > 0
+    assert data["meta"]["gallery_people"] == 200 and data["meta"]["file"]["load_s"] > 0
+    assert set(data["ratios"]) == {
+        "faiss/exact@1",
+        "faiss-hnsw/exact@1",
+        "faiss/exact@64",
+        "faiss-hnsw/exact@64",
+    }
+    assert (
+        "| backend | batch | queries/s | ms/query | build s | top-1 = exact | top-5 overlap |"
+        in capsys.readouterr().out
+    )
+
+
+def test_export(tmp_path, capsys):
+    out = tmp_path / "export.json"
+    assert load_bench("bench_export").main(["--quick", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = data["results"]
+    assert [(r["batch"], r["method"]) for r in rows] == [
+        (b, m) for b in (1, 4) for m in ("torch_eager", "onnx_fp32", "onnx_int8")
+    ]
+    assert all(r["images_per_second"] > 0 and len(r["times_s"]) == 2 for r in rows)
+    assert data["parity"]["onnx_fp32"]["max_abs_diff"] <= 1e-4
+    assert data["parity"]["onnx_int8"]["mean_cosine"] > 0.99
+    assert data["files"]["onnx_int8"]["bytes"] < data["files"]["onnx_fp32"]["bytes"]
+    text = capsys.readouterr().out
+    assert "| batch | method | img/s | ms/batch (median) | x torch eager |" in text

@@ -18,6 +18,9 @@ COMMANDS = {
     "calibrate": "facenet_hf.cli.calibrate",
     "embed": "facenet_hf.cli.embed",
     "verify": "facenet_hf.cli.verify",
+    "enrol": "facenet_hf.cli.enrol",
+    "identify": "facenet_hf.cli.identify",
+    "export": "facenet_hf.cli.export",
 }
 
 

@@ -63,11 +63,17 @@ def main(argv: list[str] | None = None) -> int:
         report, distances = _evaluate_embeddings(args, pairs)
         out = Path(args.out or Path(args.embeddings).with_suffix("").as_posix() + "_lfw")
     else:
+        from facenet_hf.export.runtime import is_export
         from facenet_hf.model import FaceNet, InvalidConfigError
 
         try:
-            model = FaceNet.from_pretrained(args.model, revision=args.revision)
-        except (FileNotFoundError, InvalidConfigError, KeyError) as e:  # e.g. pickle-only weights: refused
+            if is_export(args.model):  # `facenet-hf export` output (DIR/model.int8.onnx: int8): read-only
+                from facenet_hf.export.module import OnnxFaceNet
+
+                model = OnnxFaceNet(args.model)
+            else:
+                model = FaceNet.from_pretrained(args.model, revision=args.revision)
+        except (FileNotFoundError, InvalidConfigError, KeyError, ImportError, ValueError) as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
             print(f"facenet-hf evaluate: cannot load model {args.model}: {msg}", file=sys.stderr)
             return 1

@@ -27,6 +27,10 @@ _EXPORTS = {
     "EmbeddingTable": "embeddings_io",
     "read_table": "embeddings_io",
     "write_table": "embeddings_io",
+    "identification_metrics": "identification",
+    "ranked_identification_metrics": "identification",
+    "rank_identities": "identification",
+    "threshold_at_fpir": "identification",
 }
 
 __all__ = [
@@ -34,10 +38,13 @@ __all__ = [
     "FaceVerification",
     "best_threshold",
     "equal_error_rate",
+    "identification_metrics",
     "load_embeddings",
     "pair_distances",
     "plot_distance_histogram",
     "plot_roc",
+    "rank_identities",
+    "ranked_identification_metrics",
     "read_table",
     "report_to_json",
     "retrieval_metrics",
@@ -46,6 +53,7 @@ __all__ = [
     "save_embeddings",
     "stratified_subfolds",
     "threshold_at_far",
+    "threshold_at_fpir",
     "verification_protocol",
     "write_table",
 ]
@@ -58,6 +66,12 @@ if TYPE_CHECKING:
         read_table,
         save_embeddings,
         write_table,
+    )
+    from .identification import (
+        identification_metrics,
+        rank_identities,
+        ranked_identification_metrics,
+        threshold_at_fpir,
     )
     from .metric import FaceVerification
     from .plots import plot_distance_histogram, plot_roc
