@@ -10,6 +10,7 @@ beside a run's outputs so the run can be reproduced with ``--config <run>/config
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import types
 import typing
@@ -43,6 +44,13 @@ class ConfigError(ValueError):
     """A config key or value is invalid; the message names it and says what is valid."""
 
 
+Objective = Literal["triplet", "arcface", "cosface", "triplet+arcface", "triplet+cosface"]
+"""``loss.objective``: the triplet loss, a margin softmax over the training identities, or their sum."""
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
+
+_SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
 @dataclass
 class ModelConfig:
     backbone: str = "resnet18"  # any timm model name
@@ -61,8 +69,32 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One more training source (``data.extra_sources``): its identities are its own, never merged with another
+    source's (labels offset after the sources before it, names prefixed ``<name>:``)."""
+
+    path: str | None = (
+        None  # image folder (with labels_file: the folder its file names are relative to), parquet, Hub id
+    )
+    name: str | None = None  # the identity prefix; default: the last part of path
+    labels_file: str | None = None  # `file identity` lines (CelebA) or a .csv / .tsv with a header
+    image_column: str | None = None  # parquet / Hub column, or the labels file's path column
+    label_column: str | None = None  # parquet / Hub column, or the labels file's identity column
+    name_column: str | None = None
+    train_transforms: list | None = (
+        None  # this source's augmentations (its framing); default: data.train_transforms
+    )
+
+
+@dataclass
 class DataConfig:
     train_source: str | None = None  # image folder / parquet / Hub id; default: lfw_dir
+    # with train_source an image folder: `file identity` lines (CelebA's identity_CelebA.txt) or a .csv / .tsv
+    # with a header (columns: image_column / label_column, else found by name); file names relative to the folder
+    labels_file: str | None = None
+    extra_sources: list[SourceConfig] = field(
+        default_factory=list
+    )  # more training sources, disjoint identities
     lfw_dir: str | None = None  # folder of Name/Name_NNNN.jpg (LFW deep-funneled)
     pairs: str | None = None  # LFW pairs.txt
     holdout_folds: list[int] = field(default_factory=lambda: [10])  # [] = outside-data mode, all folds scored
@@ -85,10 +117,17 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    margin: float = 0.2
+    # triplet | arcface | cosface | triplet+arcface | triplet+cosface: the loss is the triplet loss (if named)
+    # + margin_softmax_weight x the margin softmax (if named) over a classifier of the training identities
+    objective: Objective = "triplet"
+    margin: float = 0.2  # the triplet margin
     mining: MiningMode = "semihard"
     squared: bool = True  # squared Euclidean distance (FaceNet) or plain Euclidean
     global_mining: bool = False  # mine over the batch gathered from all processes
+    margin_softmax_weight: float = 1.0  # the margin-softmax term's weight
+    arcface_margin: float = 0.5  # ArcFace's additive angular margin m, radians: cos(theta + m)
+    cosface_margin: float = 0.35  # CosFace's additive cosine margin m: cos(theta) - m
+    margin_softmax_scale: float = 64.0  # the logits' scale s (ArcFace's and CosFace's 64)
 
 
 @dataclass
@@ -141,6 +180,9 @@ _RANGES: dict[str, tuple[str, Any]] = {
     "data.min_images": (">=", 1),
     "data.num_workers": (">=", 0),
     "loss.margin": (">", 0),
+    "loss.margin_softmax_weight": (">", 0),
+    "loss.margin_softmax_scale": (">", 0),
+    "loss.cosface_margin": (">=", 0),
     "train.lr": (">", 0),
     "train.weight_decay": (">=", 0),
     "train.epochs": (">=", 1),
@@ -180,6 +222,15 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if isinstance(tp, type) and is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        names = [f.name for f in fields(tp)]
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {names}, got {value!r}")
+        obj = tp()
+        _merge(obj, value, prefix=f"{key}.")
+        return obj
     if origin is Literal:
         choices = get_args(tp)
         if isinstance(value, bool):  # YAML 1.1 reads no/off/false as False: map back to the spelled choice
@@ -312,7 +363,60 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             "data.pairs needs data.lfw_dir (the folder holding the pair images Name/Name_NNNN.jpg)"
         )
+    _validate_loss(cfg.loss)
+    _validate_sources(cfg.data)
     return cfg
+
+
+def _validate_loss(loss: LossConfig) -> None:
+    if not 0.0 <= loss.arcface_margin <= math.pi / 2:
+        raise ConfigError(
+            f"loss.arcface_margin: {loss.arcface_margin!r} is out of range; it must be in [0, pi/2] radians "
+            "(the paper's 0.5; pytorch-metric-learning's ArcFaceLoss takes degrees: 28.6 degrees = 0.5 radians)"
+        )
+    if loss.cosface_margin > 1.0:
+        raise ConfigError(
+            f"loss.cosface_margin: {loss.cosface_margin!r} is out of range; it must be in [0, 1] (a cosine; "
+            "the paper's 0.35)"
+        )
+    for key in ("arcface_margin", "cosface_margin", "margin_softmax_weight", "margin_softmax_scale"):
+        if not math.isfinite(getattr(loss, key)):
+            raise ConfigError(f"loss.{key}: {getattr(loss, key)!r} must be a finite number")
+
+
+def source_name(source: SourceConfig) -> str:
+    """An extra source's name (its identities' prefix): ``name``, else the last part of ``path``."""
+    if source.name:
+        return source.name
+    return Path(str(source.path).rstrip("/\\")).name or str(source.path)
+
+
+def _validate_sources(d: DataConfig) -> None:
+    if d.labels_file and not d.train_source:
+        raise ConfigError(
+            "data.labels_file needs data.train_source: the image folder whose files it labels (its file names "
+            "are relative to that folder)"
+        )
+    seen: dict[str, int] = {}
+    for i, src in enumerate(d.extra_sources):
+        key = f"data.extra_sources[{i}]"
+        if not src.path:
+            raise ConfigError(
+                f"{key}.path must be set: an image folder (<root>/<Identity>/<image>, or any folder with "
+                "labels_file), a .parquet file or folder, or a Hub dataset id"
+            )
+        name = source_name(src)
+        if not _SOURCE_NAME.match(name):
+            raise ConfigError(
+                f"{key}.name: {name!r} is not a valid source name (letters, digits, '_', '.', '-'; it prefixes "
+                "the source's identities as '<name>:<identity>'); set name: explicitly"
+            )
+        if name in seen:
+            raise ConfigError(
+                f"{key}: source name {name!r} is also data.extra_sources[{seen[name]}]'s; give each source its own "
+                "name: (the prefix that keeps their identities apart)"
+            )
+        seen[name] = i
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -46,6 +46,10 @@ ordered pairs that belong to at least one valid triplet (a positive pair whose a
 pair whose anchor has a positive). A batch without any valid triplet gives loss 0 (still attached to the graph,
 so ``backward()`` works and yields zero gradients) and all-zero stats.
 
+The margin-softmax objectives (ArcFace, CosFace) are :class:`MarginSoftmaxLoss`, a classifier of the training
+identities whose parameters train with the model (and stay out of the saved embedder); :class:`CombinedLoss`
+adds one to the triplet loss with a weight.
+
 All maths runs in float32 with autocast disabled, whatever the input dtype (bf16/fp16/float64 inputs are cast;
 gradients flow back in the input dtype). The forward makes no ``.item()`` calls and, on accelerators, no host
 syncs: every mode works on fixed-shape tensors there. Cost: one row-wise sort of B x B int64 keys for semihard
@@ -73,7 +77,17 @@ from torch import Tensor, nn
 
 from facenet_hf.constants import MINING_MODES
 
-__all__ = ["MINING_MODES", "SEMIHARD_IMPLS", "CPUTuning", "TripletLoss", "pairwise_distances", "sort_rows"]
+__all__ = [
+    "MARGIN_SOFTMAX_KINDS",
+    "MINING_MODES",
+    "SEMIHARD_IMPLS",
+    "CPUTuning",
+    "CombinedLoss",
+    "MarginSoftmaxLoss",
+    "TripletLoss",
+    "pairwise_distances",
+    "sort_rows",
+]
 
 _STAT_KEYS = ("frac_active", "mean_pos_dist", "mean_neg_dist", "num_triplets")
 
@@ -540,3 +554,198 @@ def _stats(dd: Tensor, same: Tensor, n_pos: Tensor, n_neg: Tensor, mined: _Mined
             mined.num_triplets.to(f32),
         )
         return dict(zip(_STAT_KEYS, values, strict=True))
+
+
+# ------------------------------------------------------------------------------------------- margin softmax
+
+MARGIN_SOFTMAX_KINDS = ("arcface", "cosface")
+DEFAULT_MARGINS = {"arcface": 0.5, "cosface": 0.35}
+
+
+class MarginSoftmaxLoss(nn.Module):
+    """ArcFace / CosFace: softmax cross-entropy over a classifier of the training identities, with a margin.
+
+    ``weight`` (``num_classes x embedding_dim``) holds one row per identity; rows and embeddings are
+    L2-normalised, so ``cos[i, j]`` is the cosine between embedding ``i`` and class ``j`` (clamped to [-1, 1]).
+    Only the target logit ``cos[i, y_i] = cos(theta)`` changes, then every logit is multiplied by ``scale``:
+
+    - ``"arcface"`` (Deng et al. 2019, additive angular margin): ``cos(theta + m)`` computed as
+      ``cos(theta) cos(m) - sin(theta) sin(m)`` with ``sin(theta) = sqrt(1 - cos(theta)^2)`` while
+      ``cos(theta) > cos(pi - m)``, i.e. ``theta + m < pi``; beyond that ``cos(theta) - m sin(m)``, which keeps the
+      target logit decreasing in ``theta``. This is insightface's ``arcface_torch`` ``ArcFace`` (``losses.py``,
+      ``easy_margin=False``) on the clamped cosines of its ``PartialFC_V2``, and pytorch-metric-learning's
+      ``ArcFaceLoss`` (which takes the margin in degrees and computes ``cos(acos(c) + m)``);
+    - ``"cosface"`` (Wang et al. 2018, additive cosine margin): ``cos(theta) - m`` (insightface's ``CosFace``,
+      pytorch-metric-learning's ``CosFaceLoss``).
+
+    The loss is the mean cross-entropy over the batch. ``sin(theta)`` has a zero (not infinite) gradient where
+    ``cos(theta)`` is exactly +-1. The weights start as ``N(0, 0.01^2)`` (insightface's initialisation) drawn from
+    ``generator``. All maths runs in float32 (float64 inputs stay float64) with autocast off. Stats:
+    ``margin_softmax_loss`` and ``classifier_accuracy`` (the fraction whose nearest class, without margin, is
+    their own).
+
+    ``local`` (a bool mask over the rows, or None = all) is for embeddings gathered from several processes whose
+    other rows carry no gradient: only the rows this process owns give the classifier its gradient (the others'
+    logits see a detached weight), so that after DDP averages, and with the ``x num_processes`` the training step
+    applies to a loss over the gathered batch, the classifier gets the gradient of the global batch exactly once.
+    """
+
+    accepts_local_rows = True  # train_step passes ``local=`` with loss.global_mining
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_dim: int,
+        *,
+        kind: str = "arcface",
+        margin: float | None = None,
+        scale: float = 64.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("num_classes", num_classes), ("embedding_dim", embedding_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if kind not in MARGIN_SOFTMAX_KINDS:
+            raise ValueError(f"kind must be one of {MARGIN_SOFTMAX_KINDS}, got {kind!r}")
+        margin = DEFAULT_MARGINS[kind] if margin is None else margin
+        hi = math.pi / 2 if kind == "arcface" else 1.0
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 <= margin <= hi:
+            unit = "radians" if kind == "arcface" else "a cosine"
+            raise ValueError(f"{kind} margin must be a number in [0, {hi:.4g}] ({unit}), got {margin!r}")
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, (int, float))
+            or not (math.isfinite(scale) and scale > 0)
+        ):
+            raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+        self.num_classes, self.embedding_dim = num_classes, embedding_dim
+        self.kind, self.margin, self.scale = kind, float(margin), float(scale)
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
+        with torch.no_grad():
+            self.weight.normal_(0.0, 0.01, generator=generator)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, kind={self.kind!r}, "
+            f"margin={self.margin}, scale={self.scale}"
+        )
+
+    def cosines(self, embeddings: Tensor, local: Tensor | None = None) -> Tensor:
+        """``[B, num_classes]`` cosines between the normalised embeddings and classifier rows, in [-1, 1]."""
+        dtype = torch.promote_types(embeddings.dtype, torch.float32)
+        e = nn.functional.normalize(embeddings.to(dtype), dim=1)
+        w = nn.functional.normalize(self.weight.to(dtype), dim=1)
+        cos = e @ w.t()
+        if local is not None:
+            cos = torch.where(
+                local.to(device=cos.device, dtype=torch.bool).unsqueeze(1), cos, e @ w.detach().t()
+            )
+        return cos.clamp(-1.0, 1.0)
+
+    def target_logit(self, cos_target: Tensor) -> Tensor:
+        """The target class's cosine with the margin applied (before the scale)."""
+        m = self.margin
+        if self.kind == "cosface":
+            return cos_target - m
+        sin_sq = 1.0 - cos_target * cos_target
+        positive = sin_sq > 0
+        sin = torch.where(positive, torch.sqrt(torch.where(positive, sin_sq, 1.0)), 0.0)
+        cos_theta_m = cos_target * math.cos(m) - sin * math.sin(m)
+        return torch.where(
+            cos_target > math.cos(math.pi - m), cos_theta_m, cos_target - math.sin(math.pi - m) * m
+        )
+
+    def logits(self, embeddings: Tensor, labels: Tensor, local: Tensor | None = None) -> Tensor:
+        """The scaled logits with the target margin: ``scale * cos``, the target entry replaced."""
+        cos = self.cosines(embeddings, local)
+        target = self.target_logit(cos.gather(1, labels.unsqueeze(1)))
+        return self.scale * cos.scatter(1, labels.unsqueeze(1), target)
+
+    def forward(
+        self, embeddings: Tensor, labels: Tensor, *, local: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Mean cross-entropy (0-d) and detached stats for ``embeddings`` [B, D] with labels in 0..num_classes-1."""
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_dim:
+            raise ValueError(
+                f"embeddings must be [B, {self.embedding_dim}], got shape {tuple(embeddings.shape)}"
+            )
+        if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+            raise ValueError(
+                f"labels must be 1-D with {embeddings.shape[0]} entries, got shape {tuple(labels.shape)}"
+            )
+        if labels.is_floating_point() or labels.is_complex():
+            raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+        labels = labels.to(device=embeddings.device, dtype=torch.int64)
+        # checked on CPU only: on an accelerator the check would cost a host sync every step
+        if (
+            labels.device.type == "cpu"
+            and labels.numel()
+            and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes)
+        ):
+            raise ValueError(
+                f"labels must be in 0..{self.num_classes - 1} (the classifier's classes), got "
+                f"{int(labels.min())}..{int(labels.max())}"
+            )
+        with _no_autocast(embeddings.device):
+            if embeddings.shape[0] == 0:  # attached zero: backward works and every parameter gets a gradient
+                zero = self.weight.sum() * 0.0 + embeddings.sum() * 0.0
+                return zero.float(), {
+                    "margin_softmax_loss": zero.detach().float(),
+                    "classifier_accuracy": zero.detach().float(),
+                }
+            logits = self.logits(embeddings, labels, local)
+            loss = nn.functional.cross_entropy(logits, labels)
+            with torch.no_grad():
+                # argmax of the scaled logits without the margin = of the cosines
+                plain = self.cosines(embeddings.detach())
+                accuracy = (plain.argmax(dim=1) == labels).float().mean()
+        return loss, {"margin_softmax_loss": loss.detach().float(), "classifier_accuracy": accuracy}
+
+
+class CombinedLoss(nn.Module):
+    """``triplet(emb, labels) + weight * margin_softmax(emb, labels)``; either part may be None (not both).
+
+    Stats: the triplet loss's (plus ``triplet_loss``) and the margin softmax's. ``local`` is handed to the margin
+    softmax (see :class:`MarginSoftmaxLoss`); the triplet loss mines the whole batch it is given.
+    """
+
+    accepts_local_rows = True
+
+    def __init__(
+        self,
+        triplet: TripletLoss | None,
+        margin_softmax: MarginSoftmaxLoss | None,
+        *,
+        weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if triplet is None and margin_softmax is None:
+            raise ValueError("CombinedLoss needs a triplet loss, a margin softmax, or both")
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not (math.isfinite(weight) and weight > 0)
+        ):
+            raise ValueError(f"weight must be a finite number > 0, got {weight!r}")
+        self.triplet = triplet
+        self.margin_softmax = margin_softmax
+        self.weight = float(weight)
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}"
+
+    def forward(
+        self, embeddings: Tensor, labels: Tensor, *, local: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        stats: dict[str, Tensor] = {}
+        total: Tensor | None = None
+        if self.triplet is not None:
+            total, stats = self.triplet(embeddings, labels)
+            stats = {**stats, "triplet_loss": total.detach()}
+        if self.margin_softmax is not None:
+            ms, ms_stats = self.margin_softmax(embeddings, labels, local=local)
+            stats.update(ms_stats)
+            part = self.weight * ms
+            total = part if total is None else total + part
+        return total, stats

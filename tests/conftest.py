@@ -60,3 +60,14 @@ def tiny_train_args(sample: Path, out: Path, *extra: str) -> list[str]:
         "--quiet",
         *extra,
     ]
+
+
+@pytest.fixture(scope="session")
+def full_celeba() -> Path:
+    """The CelebA subset (folder with ``img_align_celeba/`` and ``identity_CelebA.txt``), or skip."""
+    root = os.environ.get("FACENET_HF_CELEBA_DIR")
+    if not root or not (Path(root) / "identity_CelebA.txt").is_file():
+        pytest.skip(
+            "FACENET_HF_CELEBA_DIR is not set to the CelebA folder (img_align_celeba/, identity_CelebA.txt)"
+        )
+    return Path(root)

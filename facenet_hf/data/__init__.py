@@ -16,7 +16,15 @@ from facenet_hf.data.lfw import (
     read_pairs,
 )
 from facenet_hf.data.sampler import PKBatchSampler
-from facenet_hf.data.sources import SOURCE_FEATURES, SourceError, arrow_column, labels_of, load_source
+from facenet_hf.data.sources import (
+    SOURCE_FEATURES,
+    SourceError,
+    arrow_column,
+    combine_sources,
+    labels_file_dataset,
+    labels_of,
+    load_source,
+)
 
 __all__ = [
     "SOURCE_FEATURES",
@@ -27,8 +35,10 @@ __all__ = [
     "SplitOverlapError",
     "arrow_column",
     "check_disjoint",
+    "combine_sources",
     "find_image_root",
     "identity_disjoint_split",
+    "labels_file_dataset",
     "labels_of",
     "load_source",
     "missing_pair_images",

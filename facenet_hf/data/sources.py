@@ -18,6 +18,16 @@ Source kinds, detected in this order:
    ``datasets.load_dataset("parquet", ...)``;
 3. anything else is taken for a Hugging Face Hub dataset id: ``datasets.load_dataset(source, split=split)``.
 
+With ``labels_file=`` the source is an image folder of any layout and the labels come from that file
+(:func:`labels_file_dataset`): CelebA's ``identity_CelebA.txt`` (``000001.jpg 2880`` per line, fields separated
+by spaces or tabs, no header), or a ``.csv`` / ``.tsv`` file with a header row naming a path and an identity
+column. File names are relative to the folder (absolute ones are taken as they are); ``path`` is the name as
+written.
+
+Several sources train together through :func:`combine_sources`: labels offset so that the sources' label spaces
+are disjoint, identities prefixed ``<source name>:`` (so two sources' ``"2880"`` never merge), and a ``source``
+column naming each row's source (``""`` for the unprefixed first one).
+
 For parquet and Hub sources the columns are mapped by name (see :data:`IMAGE_COLUMNS`, :data:`LABEL_COLUMNS`, or
 pass ``image_column`` / ``label_column`` / ``name_column``). Identity names come from a ``ClassLabel``'s names,
 from a string label column, or from ``name_column``; bare integer labels without names are named ``str(value)``
@@ -26,8 +36,10 @@ and ordered by value.
 
 from __future__ import annotations
 
+import csv
 import glob
 import hashlib
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,11 +55,16 @@ from datasets.table import InMemoryTable
 __all__ = [
     "IMAGE_COLUMNS",
     "IMAGE_EXTENSIONS",
+    "LABELS_FILE_IDENTITY_COLUMNS",
+    "LABELS_FILE_PATH_COLUMNS",
     "LABEL_COLUMNS",
+    "SOURCE_COLUMN",
     "SOURCE_FEATURES",
     "SourceError",
     "arrow_column",
+    "combine_sources",
     "folder_dataset",
+    "labels_file_dataset",
     "labels_of",
     "load_source",
 ]
@@ -60,6 +77,33 @@ IMAGE_COLUMNS: tuple[str, ...] = ("image", "img", "jpg", "png", "face")
 
 LABEL_COLUMNS: tuple[str, ...] = ("label", "labels", "identity", "person", "name", "class", "id")
 """Column names tried, in order, for the identity label of a parquet / Hub source."""
+
+LABELS_FILE_PATH_COLUMNS: tuple[str, ...] = (
+    "path",
+    "file",
+    "filename",
+    "file_name",
+    "image",
+    "image_id",
+    "image_path",
+    "img",
+)
+"""Header names tried, in order (case-insensitive), for the image file column of a .csv / .tsv labels file."""
+
+LABELS_FILE_IDENTITY_COLUMNS: tuple[str, ...] = (
+    "identity",
+    "identity_id",
+    "label",
+    "person",
+    "name",
+    "subject",
+    "class",
+    "id",
+)
+"""Header names tried, in order (case-insensitive), for the identity column of a .csv / .tsv labels file."""
+
+SOURCE_COLUMN = "source"
+"""The column :func:`combine_sources` adds: the name of each row's source (``""`` for an unprefixed one)."""
 
 SOURCE_FEATURES = Features(
     {
@@ -87,15 +131,24 @@ def load_source(
     name_column: str | None = None,
     split: str = "train",
     cache_dir: str | os.PathLike | None = None,
+    labels_file: str | os.PathLike | None = None,
 ) -> datasets.Dataset:
     """Load an image folder, parquet file(s) or Hub dataset as ``image, label, identity, path`` (see module doc).
 
     ``split`` applies to Hub datasets and parquet directories with split-named files (``train-*.parquet``);
     an explicit parquet file or glob is read whole. ``cache_dir`` is passed to ``datasets.load_dataset``.
-    Column options only apply to parquet and Hub sources.
+    Column options apply to parquet and Hub sources; with ``labels_file`` (``source`` is then an image folder)
+    ``image_column`` / ``label_column`` name a .csv / .tsv labels file's path and identity columns.
     """
     text = os.fspath(source)
     path = Path(text).expanduser()
+    if labels_file is not None:
+        if name_column is not None:
+            raise SourceError(
+                f"data source {text!r}: name_column does not apply to a labels file (its identity column holds "
+                "the names); use label_column to choose that column"
+            )
+        return labels_file_dataset(path, labels_file, path_column=image_column, identity_column=label_column)
     if path.is_dir():
         files = _scan_image_folder(path)
         if files is not None:
@@ -239,6 +292,291 @@ def _from_table(table: pa.Table, *, fingerprint: str) -> datasets.Dataset:
         info=datasets.DatasetInfo(features=SOURCE_FEATURES.copy()),
         fingerprint=fingerprint,
     )
+
+
+# -------------------------------------------------------------------------------------------- labels files
+
+
+def labels_file_dataset(
+    root: str | os.PathLike,
+    labels_file: str | os.PathLike,
+    *,
+    path_column: str | None = None,
+    identity_column: str | None = None,
+) -> datasets.Dataset:
+    """The source dataset of an image folder labelled by ``labels_file`` (no image is opened).
+
+    Formats, by the file's suffix: ``.csv`` (comma) and ``.tsv`` (tab) have a header row; the path column is
+    ``path_column`` or the first of :data:`LABELS_FILE_PATH_COLUMNS` in it, the identity column
+    ``identity_column`` or the first of :data:`LABELS_FILE_IDENTITY_COLUMNS`. Any other suffix (CelebA's
+    ``identity_CelebA.txt``) is one ``file identity`` pair per line, separated by spaces or tabs, no header.
+    Blank lines are skipped. Identities are text; labels are dense, ordered by identity (numerically when every
+    identity is a whole number, as CelebA's are, else by name). Every listed file must exist under ``root`` and
+    be listed once: a bad line, a missing file or a file listed twice raises :class:`SourceError` naming the
+    labels file, the line and the file.
+    """
+    root = Path(root).expanduser()
+    labels_path = Path(labels_file).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"data source {str(root)!r}: no such image folder (the folder that labels file {str(labels_path)!r} "
+            "names its images relative to)"
+        )
+    try:
+        raw = labels_path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"labels file {str(labels_path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise SourceError(f"labels file {str(labels_path)!r} is a folder, not a file") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise SourceError(
+            f"labels file {str(labels_path)!r}, line {line}: not UTF-8 text ({exc.reason}); save it as UTF-8"
+        ) from None
+    suffix = labels_path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        entries = _read_table_labels(
+            text, labels_path, "," if suffix == ".csv" else "\t", path_column, identity_column
+        )
+    else:
+        entries = _read_pair_labels(text, labels_path)
+    if not entries:
+        raise SourceError(f"labels file {str(labels_path)!r} lists no images")
+    files = _check_listed_files(root, labels_path, entries)
+    names = [identity for _, _, identity in entries]
+    labels, identity = _dense_identities(names)
+    root_abs = os.path.abspath(root)
+    rel_arr = pa.array([written for _, written, _ in entries], pa.string())
+    image = pa.StructArray.from_arrays(
+        [pa.nulls(len(entries), pa.binary()), pa.array(files, pa.string())],
+        fields=[pa.field("bytes", pa.binary()), pa.field("path", pa.string())],
+    )
+    table = pa.table({"image": image, "label": pa.array(labels), "identity": identity, "path": rel_arr})
+    digest = hashlib.sha256(f"{root_abs}\n{os.path.abspath(labels_path)}\n".encode())
+    digest.update(raw)
+    return _from_table(table, fingerprint=digest.hexdigest()[:32])
+
+
+def _pair_format(path: Path) -> str:
+    return (
+        f"labels file {str(path)!r} is read as one 'file identity' pair per line (CelebA's identity_CelebA.txt: "
+        "'000001.jpg 2880'), separated by spaces or tabs, no header; a .csv / .tsv file has a header naming its "
+        "columns"
+    )
+
+
+def _read_pair_labels(text: str, path: Path) -> list[tuple[int, str, str]]:
+    """``(line number, file, identity)`` of a whitespace-separated ``file identity`` labels file."""
+    out: list[tuple[int, str, str]] = []
+    for no, line in enumerate(text.splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2:
+            raise SourceError(
+                f"labels file {str(path)!r}, line {no}: expected 2 fields 'file identity', got {len(fields)}: "
+                f"{line!r}; {_pair_format(path)}"
+            )
+        name, identity = fields
+        if not name.lower().endswith(IMAGE_EXTENSIONS):
+            header = " (a header line? this format has none)" if no == 1 else ""
+            raise SourceError(
+                f"labels file {str(path)!r}, line {no}: {name!r} is not an image file name (expected one of "
+                f"{', '.join(IMAGE_EXTENSIONS)}){header}: {line!r}; {_pair_format(path)}"
+            )
+        out.append((no, name, identity))
+    return out
+
+
+def _read_table_labels(
+    text: str, path: Path, delimiter: str, path_column: str | None, identity_column: str | None
+) -> list[tuple[int, str, str]]:
+    """``(line number, file, identity)`` of a .csv / .tsv labels file with a header row."""
+    kind = "CSV" if delimiter == "," else "TSV"
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header: list[str] | None = None
+    out: list[tuple[int, str, str]] = []
+    try:
+        for row in reader:
+            no = reader.line_num
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if header is None:
+                header = [cell.strip() for cell in row]
+                p_col = _labels_column(
+                    header, path_column, LABELS_FILE_PATH_COLUMNS, "image_column", path, "path"
+                )
+                i_col = _labels_column(
+                    header, identity_column, LABELS_FILE_IDENTITY_COLUMNS, "label_column", path, "identity"
+                )
+                if p_col == i_col:
+                    raise SourceError(
+                        f"labels file {str(path)!r}: the path and identity columns are both {header[p_col]!r}; "
+                        "pass image_column= and label_column= naming two columns"
+                    )
+                continue
+            if len(row) != len(header):
+                raise SourceError(
+                    f"labels file {str(path)!r}, line {no}: {len(row)} fields, but the header (columns "
+                    f"{header}) has {len(header)}: {delimiter.join(row)!r}"
+                )
+            name, identity = row[p_col].strip(), row[i_col].strip()
+            if not name or not identity:
+                empty = header[p_col] if not name else header[i_col]
+                raise SourceError(f"labels file {str(path)!r}, line {no}: column {empty!r} is empty")
+            out.append((no, name, identity))
+    except csv.Error as exc:
+        raise SourceError(
+            f"labels file {str(path)!r}, line {reader.line_num}: not valid {kind}: {exc}"
+        ) from None
+    if header is None:
+        raise SourceError(
+            f"labels file {str(path)!r} is empty: expected a header row, then one row per image"
+        )
+    return out
+
+
+def _labels_column(
+    header: list[str],
+    explicit: str | None,
+    candidates: Sequence[str],
+    option: str,
+    path: Path,
+    what: str,
+) -> int:
+    if explicit is not None:
+        if explicit not in header:
+            raise SourceError(
+                f"labels file {str(path)!r} has no column {explicit!r} ({option}); its header has {header}"
+            )
+        return header.index(explicit)
+    lower = [h.lower() for h in header]
+    for cand in candidates:
+        if cand in lower:
+            return lower.index(cand)
+    raise SourceError(
+        f"labels file {str(path)!r}: no {what} column in its header {header}; expected one of {list(candidates)} "
+        f"or pass {option}=<column name>"
+    )
+
+
+def _check_listed_files(root: Path, labels_path: Path, entries: list[tuple[int, str, str]]) -> list[str]:
+    """The absolute path of every listed file; SourceError for a file listed twice or missing under ``root``.
+
+    Each folder named is listed once (``os.scandir``), not every file stat-ed: fast for a flat folder of many files.
+    """
+    first_line: dict[str, int] = {}
+    files: list[str] = []
+    root_abs = os.path.abspath(root)
+    for no, name, _ in entries:
+        full = os.path.normpath(os.path.join(root_abs, os.path.expanduser(name)))
+        if full in first_line:
+            raise SourceError(
+                f"labels file {str(labels_path)!r}, line {no}: image {name!r} is listed again (first on line "
+                f"{first_line[full]}); list every image once"
+            )
+        first_line[full] = no
+        files.append(full)
+    present: dict[str, set[str] | None] = {}
+    missing: list[tuple[int, str]] = []
+    for (no, name, _), full in zip(entries, files, strict=True):
+        folder, base = os.path.split(full)
+        if folder not in present:
+            try:
+                with os.scandir(folder) as it:
+                    present[folder] = {e.name for e in it if e.is_file()}
+            except OSError:
+                present[folder] = None
+        names = present[folder]
+        if names is None or base not in names:
+            missing.append((no, name))
+    if missing:
+        no, name = missing[0]
+        more = (
+            f" ({len(missing)} of the {len(entries)} listed images are missing)" if len(missing) > 1 else ""
+        )
+        raise SourceError(
+            f"labels file {str(labels_path)!r}, line {no}: image {name!r} does not exist under {root_abs}{more}; "
+            "file names are relative to the image folder (data.train_source / an extra source's path)"
+        )
+    return files
+
+
+def _dense_identities(names: list[str]) -> tuple[np.ndarray, pa.Array]:
+    """(dense labels, identity per row): ordered numerically when every name is a whole number, else by name."""
+    arr = pa.array(names, pa.string())
+    encoded = arr.dictionary_encode()
+    dictionary = encoded.dictionary.to_pylist()
+    if all(n.isascii() and n.isdigit() for n in dictionary):
+        keys = sorted(range(len(dictionary)), key=lambda i: (int(dictionary[i]), dictionary[i]))
+    else:
+        keys = sorted(range(len(dictionary)), key=lambda i: dictionary[i])
+    order = np.asarray(keys, dtype=np.int64)
+    rank = np.empty(order.size, dtype=np.int64)
+    rank[order] = np.arange(order.size)
+    labels = rank[encoded.indices.to_numpy(zero_copy_only=False)]
+    return labels, encoded.dictionary.take(pa.array(order)).take(pa.array(labels))
+
+
+# ---------------------------------------------------------------------------------------- several sources
+
+
+def combine_sources(parts: Sequence[tuple[str | None, datasets.Dataset]]) -> datasets.Dataset:
+    """One training dataset from several sources with disjoint label spaces.
+
+    ``parts`` is ``(name, dataset)`` per source, each with dense labels ``0..C_i-1`` (a :func:`load_source`
+    result, possibly filtered): source ``i``'s labels are offset by ``C_0 + ... + C_{i-1}``, its identities
+    prefixed ``name:`` (``None``: kept as they are), and a ``source`` column holds ``name`` (or ``""``). No
+    image is read.
+    """
+    if not parts:
+        raise ValueError("combine_sources: no sources given")
+    names = [n for n, _ in parts if n is not None]
+    if len(set(names)) != len(names):
+        raise ValueError(f"combine_sources: source names must be unique, got {names}")
+    out: list[datasets.Dataset] = []
+    offset = 0
+    for name, ds in parts:
+        for col in ("image", "label", "identity", "path"):
+            if col not in ds.column_names:
+                raise KeyError(
+                    f"source {name!r} has no {col!r} column (columns: {ds.column_names}); load it with load_source()"
+                )
+        labels = arrow_column(ds, "label").to_numpy().astype(np.int64)
+        count = int(labels.max()) + 1 if labels.size else 0
+        identity = arrow_column(ds, "identity").cast(pa.string())
+        if name is not None:
+            identity = pc.binary_join_element_wise(f"{name}:", identity, "")
+        base = hashlib.sha256(f"{getattr(ds, '_fingerprint', '')}|{name}|{offset}".encode()).hexdigest()[:32]
+        part = ds.select_columns(["image", "path"])
+        if getattr(part, "_indices", None) is not None:  # a filtered source: add_column needs a flat table
+            part = _quietly(lambda part=part, fp=base + "f": part.flatten_indices(new_fingerprint=fp))
+        part = part.add_column("label", labels + offset, feature=Value("int64"), new_fingerprint=base + "l")
+        part = part.add_column(
+            "identity", identity.combine_chunks(), feature=Value("string"), new_fingerprint=base + "n"
+        )
+        part = part.add_column(
+            SOURCE_COLUMN,
+            pa.array([name or ""] * len(ds), pa.string()),
+            feature=Value("string"),
+            new_fingerprint=base + "s",
+        )
+        out.append(part.select_columns(["image", "label", "identity", "path", SOURCE_COLUMN]))
+        offset += count
+    return out[0] if len(out) == 1 else datasets.concatenate_datasets(out)
+
+
+def _quietly(fn):
+    """``fn()`` without ``datasets``' progress bars (a table operation of a second is not worth a bar)."""
+    if datasets.are_progress_bars_disabled():
+        return fn()
+    datasets.disable_progress_bars()
+    try:
+        return fn()
+    finally:
+        datasets.enable_progress_bars()
 
 
 # ------------------------------------------------------------------------------------------- parquet / Hub

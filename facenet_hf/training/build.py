@@ -8,18 +8,19 @@ from pathlib import Path
 
 import torch
 
-from facenet_hf.config import Config, ConfigError
+from facenet_hf.config import Config, ConfigError, SourceConfig, source_name
 from facenet_hf.constants import FIXED_MEAN, FIXED_STD
 from facenet_hf.data.images import BadImageError
 from facenet_hf.data.lfw import (
     LFWPairs,
+    SplitOverlapError,
     check_disjoint,
     identity_disjoint_split,
     missing_pair_images,
     read_pairs,
 )
 from facenet_hf.data.prescan import prescan_dataset, scan_files
-from facenet_hf.data.sources import load_source
+from facenet_hf.data.sources import arrow_column, combine_sources, load_source
 from facenet_hf.faces.align import AlignmentSpec
 from facenet_hf.faces.tree import folder_alignment
 from facenet_hf.model import FaceNet
@@ -129,15 +130,22 @@ def build_data(cfg: Config, *, bad_images: list | None = None, progress: bool = 
     """
     d = cfg.data
     source = d.train_source or d.lfw_dir
-    check_alignment(cfg, [f for f in {source, d.lfw_dir} if f and Path(f).is_dir()])
+    folders = {source, d.lfw_dir, *(s.path for s in d.extra_sources)}
+    check_alignment(cfg, sorted(f for f in folders if f and Path(f).is_dir()))
     ds = load_source(
-        source, image_column=d.image_column, label_column=d.label_column, name_column=d.name_column
+        source,
+        image_column=d.image_column,
+        label_column=d.label_column,
+        name_column=d.name_column,
+        labels_file=d.labels_file,
     )
     pairs: LFWPairs | None = read_pairs(d.pairs) if d.pairs else None
     if pairs is not None and d.holdout_folds:
         ds, pairs = identity_disjoint_split(ds, pairs, d.holdout_folds)
     elif pairs is not None:
         check_disjoint(set(ds.unique("identity")), pairs)
+    if d.extra_sources:
+        ds = _with_extra_sources(ds, d.extra_sources, pairs)
     if pairs is not None:
         _check_pair_images(cfg, pairs)
     total = len(ds)
@@ -160,6 +168,56 @@ def build_data(cfg: Config, *, bad_images: list | None = None, progress: bool = 
         if bad_images is not None:
             bad_images.extend([path, reason] for _, path, reason in bad)
     return ds, pairs
+
+
+def _with_extra_sources(primary, extras: list[SourceConfig], pairs: LFWPairs | None):
+    """The primary source and ``data.extra_sources`` as one dataset with disjoint label spaces.
+
+    Each extra source is refused (:class:`SplitOverlapError` naming it) if any of its identities, by its own name
+    before the prefix, is a person of the evaluation pairs: an extra source is never filtered, since a source
+    holding evaluation people is most likely the evaluation set itself. A raw name shared with another source is
+    only warned about: the prefixes keep them apart, but it may be one person under two labels.
+    """
+    parts: list[tuple[str | None, object]] = [(None, primary)]
+    seen = {n: "the primary source" for n in _identities(primary)}
+    for i, src in enumerate(extras):
+        name = source_name(src)
+        where = f"data.extra_sources[{i}] ({name!r}, {src.path})"
+        ds = load_source(
+            src.path,
+            image_column=src.image_column,
+            label_column=src.label_column,
+            name_column=src.name_column,
+            labels_file=src.labels_file,
+        )
+        names = _identities(ds)
+        if pairs is not None:
+            try:
+                check_disjoint(names, pairs)
+            except SplitOverlapError as e:
+                raise SplitOverlapError(
+                    f"{where}: {e}; an extra training source may hold no person of the evaluation pairs"
+                ) from None
+        shared = sorted(names & seen.keys())
+        if shared:
+            logger.warning(
+                "%s: %d identity names are also in %s (e.g. %s); they stay separate identities ('%s:<name>'), "
+                "but may be the same people",
+                where,
+                len(shared),
+                seen[shared[0]],
+                ", ".join(shared[:5]),
+                name,
+            )
+        seen.update(dict.fromkeys(names - seen.keys(), where))
+        parts.append((name, ds))
+    return combine_sources(parts)
+
+
+def _identities(ds) -> set[str]:
+    import pyarrow.compute as pc
+
+    return set(pc.unique(arrow_column(ds, "identity")).to_pylist())
 
 
 def _check_pair_images(cfg: Config, pairs: LFWPairs) -> None:

@@ -31,6 +31,7 @@ class Run:
     state: TrainState
     output_dir: Path
     total_steps: int
+    loss_fn: Any = None  # the loss module (prepared when it has parameters: the margin softmax's classifier)
 
 
 class Callback:

@@ -19,7 +19,9 @@ Resume (``resume=latest`` or a checkpoint folder) restores model, optimizer, RNG
 and resumed logs the same losses as an uninterrupted one (CPU, same thread count; tests/test_resume.py).
 
 Seams (what tests and users plug in without touching the loop): ``loss_fn`` (any module ``(embeddings, labels)
--> (loss, stats)``; default from ``cfg.loss``), ``step_fn`` (default :func:`facenet_hf.training.step.train_step`)
+-> (loss, stats)``; default from ``cfg.loss``, built once the training identities are known; a module with
+trainable parameters, such as the margin softmax's classifier, is optimised, prepared and checkpointed with the
+model but left out of ``model/``), ``step_fn`` (default :func:`facenet_hf.training.step.train_step`)
 and ``callbacks`` (:class:`facenet_hf.training.callbacks.Callback`).
 """
 
@@ -39,12 +41,12 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from facenet_hf.config import Config, ConfigError, config_to_dict, save_config
+from facenet_hf.config import Config, ConfigError, config_to_dict, save_config, source_name
 from facenet_hf.data.sampler import PKBatchSampler
 from facenet_hf.data.sources import labels_of
 from facenet_hf.data.transforms import BatchTransform, build_transform, collate_batch
 from facenet_hf.data.workers import LowPriorityWorkers
-from facenet_hf.losses import TripletLoss
+from facenet_hf.losses import CombinedLoss, MarginSoftmaxLoss, TripletLoss
 from facenet_hf.training import checkpoint
 from facenet_hf.training.build import build_data, build_model
 from facenet_hf.training.callbacks import Callback, CallbackList, Run
@@ -68,9 +70,9 @@ from facenet_hf.training.state import (
     truncate_metrics,
     write_bad_images,
 )
-from facenet_hf.training.step import should_stop, train_step
+from facenet_hf.training.step import should_stop, train_step, trained_loss_parameters
 
-__all__ = ["TrainResult", "build_loss", "train"]
+__all__ = ["TrainResult", "build_loss", "num_classes", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +88,40 @@ class TrainResult:
     images_per_second: float
 
 
-def build_loss(cfg: Config) -> TripletLoss:
-    """The loss a config asks for."""
-    return TripletLoss(margin=cfg.loss.margin, mining=cfg.loss.mining, squared=cfg.loss.squared)
+def build_loss(cfg: Config, *, num_classes: int | None = None) -> torch.nn.Module:
+    """The loss a config asks for (``loss.objective``).
+
+    ``triplet``: a :class:`TripletLoss`. The margin-softmax objectives need ``num_classes`` (the training
+    identities: the dataset's dense labels ``0..num_classes-1``) and give a :class:`CombinedLoss` holding the
+    classifier, initialised from ``train.seed`` (its own generator: the global RNG is not drawn from)."""
+    lc = cfg.loss
+    triplet = TripletLoss(margin=lc.margin, mining=lc.mining, squared=lc.squared)
+    if lc.objective == "triplet":
+        return triplet
+    kind = lc.objective.removeprefix("triplet+")
+    if num_classes is None:
+        raise ValueError(
+            f"loss.objective={lc.objective!r} needs num_classes (the number of training identities) for its classifier"
+        )
+    margin_softmax = MarginSoftmaxLoss(
+        num_classes,
+        cfg.model.embedding_dim,
+        kind=kind,
+        margin=lc.arcface_margin if kind == "arcface" else lc.cosface_margin,
+        scale=lc.margin_softmax_scale,
+        generator=torch.Generator().manual_seed(cfg.train.seed),
+    )
+    return CombinedLoss(
+        triplet if lc.objective.startswith("triplet+") else None,
+        margin_softmax,
+        weight=lc.margin_softmax_weight,
+    )
+
+
+def num_classes(ds) -> int:
+    """The number of training identities of a dataset with dense labels (``max(label) + 1``)."""
+    labels = labels_of(ds)
+    return int(labels.max()) + 1 if labels.size else 0
 
 
 def train(
@@ -120,7 +153,7 @@ def train(
             accelerator,
             out,
             progress,
-            build_loss(cfg) if loss_fn is None else loss_fn,
+            loss_fn,
             step_fn,
             CallbackList(callbacks),
         )
@@ -176,6 +209,8 @@ def _train(cfg, accelerator, out: Path, progress: bool, loss_fn, step_fn: StepFn
         min_images=cfg.data.min_images,
     )
     model = build_model(cfg)
+    if loss_fn is None:  # the training identities are known now: the margin softmax's classes
+        loss_fn = build_loss(cfg, num_classes=num_classes(train_ds))
     if accelerator.is_main_process:  # written once the data and the model are known to be usable
         save_config(cfg, out / "config.yaml")
     accelerator.wait_for_everyone()
@@ -184,8 +219,19 @@ def _train(cfg, accelerator, out: Path, progress: bool, loss_fn, step_fn: StepFn
     train_tf = build_transform(
         cfg.data.train_transforms, image_size=model.image_size, mean=model.mean, std=model.std
     )
+    source_tfs = {
+        source_name(src): build_transform(
+            src.train_transforms, image_size=model.image_size, mean=model.mean, std=model.std
+        )
+        for src in cfg.data.extra_sources
+        if src.train_transforms is not None
+    }
     batch_tf = BatchTransform(
-        train_tf, bad_image_policy=cfg.data.bad_images, seed=t.seed, channels_last=t.channels_last
+        train_tf,
+        bad_image_policy=cfg.data.bad_images,
+        seed=t.seed,
+        channels_last=t.channels_last,
+        source_transforms=source_tfs,
     )
     loader = DataLoader(
         train_ds.with_transform(batch_tf),
@@ -197,8 +243,15 @@ def _train(cfg, accelerator, out: Path, progress: bool, loss_fn, step_fn: StepFn
         generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG out of the data order
         worker_init_fn=LowPriorityWorkers(cfg.data.worker_nice),
     )
-    optimizer = build_optimizer(model, t)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    # a loss with parameters (the margin softmax's classifier) trains beside the model: in the optimizer, prepared
+    # (DDP-wrapped with several processes: its gradients are averaged like the model's) and so in every
+    # checkpoint (accelerate's model_1.safetensors), but never in the saved embedder (model/ is the FaceNet alone)
+    trains_loss = bool(trained_loss_parameters(loss_fn))
+    optimizer = build_optimizer(model, t, extra=loss_fn if trains_loss else None)
+    if trains_loss:
+        model, optimizer, loader, loss_fn = accelerator.prepare(model, optimizer, loader, loss_fn)
+    else:
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
     ema = ModelEMA(accelerator.unwrap_model(model), t.ema_decay) if t.ema_decay else None
@@ -230,7 +283,7 @@ def _train(cfg, accelerator, out: Path, progress: bool, loss_fn, step_fn: StepFn
     rows_of = RowsByPath(train_ds)
     if accelerator.is_main_process:
         accelerator.init_trackers("facenet_hf", config=flat_config(config_to_dict(cfg)))
-    run = Run(cfg, accelerator, model, optimizer, state, out, total_steps)
+    run = Run(cfg, accelerator, model, optimizer, state, out, total_steps, loss_fn=loss_fn)
     callbacks.on_train_start(run)
 
     def save() -> None:

@@ -12,7 +12,7 @@ from facenet_hf.training.distributed import any_process
 from facenet_hf.training.optim import lr_factor, set_lr
 from facenet_hf.training.state import TrainState
 
-__all__ = ["NonFiniteLossError", "should_stop", "train_step"]
+__all__ = ["NonFiniteLossError", "should_stop", "train_step", "trained_loss_parameters"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +37,16 @@ def train_step(
     # BatchNorm running statistics change in the forward: keep a copy to undo a skipped (non-finite) batch
     buffers = [b for b in model.buffers() if b.is_floating_point()] if t.nonfinite_loss == "skip" else []
     saved_buffers = [b.detach().clone() for b in buffers]
-    with accelerator.accumulate(model):
+    trained = trained_loss_parameters(loss_fn)
+    # a loss with parameters (a margin-softmax classifier) is prepared like the model: DDP skips its all-reduce too
+    with accelerator.accumulate(model, loss_fn) if trained else accelerator.accumulate(model):
         emb = model(x)
+        kwargs = {}
         if cfg.loss.global_mining and accelerator.num_processes > 1:
-            emb, labels, valid = _gather_with_local_grad(accelerator, emb, labels, valid)
-        loss, stats = loss_fn(emb[valid], labels[valid])
+            emb, labels, valid, local = _gather_with_local_grad(accelerator, emb, labels, valid)
+            if getattr(_unwrap(accelerator, loss_fn), "accepts_local_rows", False):
+                kwargs["local"] = local[valid]
+        loss, stats = loss_fn(emb[valid], labels[valid], **kwargs)
         stats["loss"] = loss.detach()  # logged as computed (before the scaling below)
         if cfg.loss.global_mining and accelerator.num_processes > 1:
             loss = loss * accelerator.num_processes  # DDP averages: this makes the sum the global gradient
@@ -64,20 +69,33 @@ def train_step(
         if accelerator.sync_gradients:
             progress = _progress(state, cfg, total_steps)
             set_lr(optimizer, t.lr * lr_factor(state.step, t, progress))
-            if t.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)  # unscales fp16 grads first
+            if t.grad_clip:  # the model's and the loss's parameters together; unscales fp16 grads first
+                accelerator.clip_grad_norm_([*model.parameters(), *trained], t.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     state.images += x.shape[0] * accelerator.num_processes
     return stats
 
 
+def trained_loss_parameters(loss_fn) -> list[torch.nn.Parameter]:
+    """The parameters of ``loss_fn`` that train (a margin-softmax classifier's weights); [] for a plain loss."""
+    if not isinstance(loss_fn, torch.nn.Module):
+        return []
+    return [p for p in loss_fn.parameters() if p.requires_grad]
+
+
+def _unwrap(accelerator, module):
+    return accelerator.unwrap_model(module) if isinstance(module, torch.nn.Module) else module
+
+
 def _gather_with_local_grad(accelerator, emb, labels, valid):
-    """All processes' embeddings (others' without gradient, ours with it), labels and masks."""
+    """All processes' embeddings (others' without gradient, ours with it), labels, masks, and which rows are ours."""
     all_emb = accelerator.gather(emb.detach())
     b, r = emb.shape[0], accelerator.process_index
     all_emb = torch.cat([all_emb[: r * b], emb, all_emb[(r + 1) * b :]])
-    return all_emb, accelerator.gather(labels), accelerator.gather(valid)
+    local = torch.zeros(all_emb.shape[0], dtype=torch.bool, device=emb.device)
+    local[r * b : (r + 1) * b] = True
+    return all_emb, accelerator.gather(labels), accelerator.gather(valid), local
 
 
 def _progress(state: TrainState, cfg: Config, total_steps: int) -> float:

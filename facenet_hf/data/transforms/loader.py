@@ -42,6 +42,11 @@ class BatchTransform:
     seeds each batch's augmentations from ``(seed, epoch, the batch's images' folder/file names)`` (see :meth:`set_epoch`): the same batch is augmented the
     same way whichever process or worker builds it and however much of the global RNG the training loop has
     consumed, so a resumed run sees exactly the images an uninterrupted one would; the global RNG is untouched.
+
+    ``source_transforms``: ``{source name: transform}`` for the rows whose ``source_key`` column (what
+    :func:`facenet_hf.data.sources.combine_sources` adds) names that source (a source framed differently, e.g.
+    CelebA's tight crops beside LFW's); every other row gets ``transform``. All of them must give the same output
+    size; the batched tensor conversion is kept when they are all batchable with one normalisation.
     """
 
     def __init__(
@@ -56,10 +61,23 @@ class BatchTransform:
         min_size: int = DEFAULT_MIN_SIZE,
         seed: int | None = None,
         channels_last: bool = False,
+        source_transforms: Mapping[str, Callable[[Image.Image], torch.Tensor]] | None = None,
+        source_key: str = "source",
     ) -> None:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise ValueError(f"seed must be None or an int, got {seed!r}")
         self.transform = transform
+        self.source_transforms = dict(source_transforms or {})
+        self.source_key = source_key
+        everything = [transform, *self.source_transforms.values()]
+        sizes = {getattr(t, "image_size", None) for t in everything}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"source_transforms must give the transform's output size, got sizes {sorted(map(str, sizes))}"
+            )
+        self._batchable = all(getattr(t, "batchable", False) for t in everything) and (
+            len({repr(getattr(t, "to_tensor", None)) for t in everything}) == 1
+        )
         self.bad_image_policy = choice_or_value_error(
             "bad_image_policy", bad_image_policy, BAD_IMAGE_POLICIES
         )
@@ -92,10 +110,15 @@ class BatchTransform:
         else:
             labels = torch.as_tensor(list(self._column(batch, self.label_key)), dtype=torch.int64)
         tf = self.transform
-        batched = getattr(tf, "batchable", False)  # the tensor conversion runs once for the batch
+        batched = self._batchable  # the tensor conversion runs once for the batch
+        if self.source_transforms:
+            sources = self._column(batch, self.source_key)
+            per_row = [self.source_transforms.get(src, tf) for src in sources]
+        else:
+            per_row = [tf] * len(images)
         rows: list[Any] = []  # per row: the prepared image (batched) or the tensor; None for a bad image
         bad: list[tuple[str, str] | None] = []
-        for obj in images:
+        for obj, tf in zip(images, per_row, strict=True):
             try:
                 img = load_image(obj, max_pixels=self.max_pixels, min_size=self.min_size)
             except BadImageError as exc:
