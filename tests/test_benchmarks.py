@@ -180,3 +180,20 @@ def test_export(tmp_path, capsys):
     assert data["files"]["onnx_int8"]["bytes"] < data["files"]["onnx_fp32"]["bytes"]
     text = capsys.readouterr().out
     assert "| batch | method | img/s | ms/batch (median) | x torch eager |" in text
+
+
+def test_cluster(tmp_path, capsys):
+    import numpy as np
+
+    out = tmp_path / "cluster.json"
+    bench = load_bench("bench_cluster")
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["method"] for r in data["results"]] == list(bench.METHODS)
+    for r in data["results"]:
+        assert r["seconds"] > 0 and r["n_items"] == 600
+        assert all(0 <= r[k] <= 1 for k in ("pairwise_f1", "bcubed_f1", "nmi"))
+    best = {r["method"]: r["bcubed_f1"] for r in data["results"]}
+    assert best["agglomerative"] > 0.9 and data["synthetic"]["verification_accuracy"] > 0.95
+    assert bench.identity_sizes(1000, 100, np.random.default_rng(0)).sum() == 1000
+    assert "| method | faces | seconds | clusters |" in capsys.readouterr().out

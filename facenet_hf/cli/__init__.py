@@ -20,6 +20,8 @@ COMMANDS = {
     "verify": "facenet_hf.cli.verify",
     "enrol": "facenet_hf.cli.enrol",
     "identify": "facenet_hf.cli.identify",
+    "cluster": "facenet_hf.cli.cluster",
+    "plot": "facenet_hf.cli.plot",
     "export": "facenet_hf.cli.export",
 }
 

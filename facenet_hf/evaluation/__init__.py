@@ -31,18 +31,27 @@ _EXPORTS = {
     "ranked_identification_metrics": "identification",
     "rank_identities": "identification",
     "threshold_at_fpir": "identification",
+    "ClusteringMetrics": "clustering",
+    "clustering_metrics": "clustering",
+    "plot_embedding_map": "plots_apps",
+    "plot_worst_pairs": "plots_apps",
+    "worst_pairs": "plots_apps",
 }
 
 __all__ = [
+    "ClusteringMetrics",
     "EmbeddingTable",
     "FaceVerification",
     "best_threshold",
+    "clustering_metrics",
     "equal_error_rate",
     "identification_metrics",
     "load_embeddings",
     "pair_distances",
     "plot_distance_histogram",
+    "plot_embedding_map",
     "plot_roc",
+    "plot_worst_pairs",
     "rank_identities",
     "ranked_identification_metrics",
     "read_table",
@@ -55,6 +64,7 @@ __all__ = [
     "threshold_at_far",
     "threshold_at_fpir",
     "verification_protocol",
+    "worst_pairs",
     "write_table",
 ]
 
