@@ -4,6 +4,7 @@ config.json."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -48,7 +49,7 @@ def test_isotonic_matches_scikit_learn_with_ties():
 def _brute_threshold(d: np.ndarray, y: np.ndarray, far: float) -> float:
     """The largest midpoint candidate (or the top end) accepting at most floor(far * n_diff) mismatched pairs."""
     u = np.unique(d)
-    candidates = [u[0] - 1e-9] + [(a + b) / 2 for a, b in zip(u[:-1], u[1:], strict=True)] + [u[-1]]
+    candidates = [u[0] - 1e-9] + [(a + b) / 2 for a, b in itertools.pairwise(u)] + [u[-1]]
     allowed = int(np.floor(far * (~y).sum() * (1 + 1e-12)))
     ok = [t for t in candidates if int(np.sum(d[~y] <= t)) <= allowed]
     return max(ok)

@@ -29,7 +29,9 @@ def model_dir(tmp_path_factory):
 def people(lfw_sample, tmp_path):
     """Six people of the sample, two images each."""
     root = tmp_path / "people"
-    several = [d for d in sorted((lfw_sample / "lfw-deepfunneled").iterdir()) if len(list(d.glob("*.jpg"))) >= 2]
+    several = [
+        d for d in sorted((lfw_sample / "lfw-deepfunneled").iterdir()) if len(list(d.glob("*.jpg"))) >= 2
+    ]
     for person in several[:6]:
         (root / person.name).mkdir(parents=True)
         for img in sorted(person.glob("*.jpg"))[:2]:

@@ -15,7 +15,9 @@ from facenet_hf.evaluation.embeddings_io import save_embeddings
 
 
 @pytest.mark.slow
-def test_evaluate_trained_model_writes_report_and_plots_and_leaves_the_model_alone(lfw_sample, tmp_path, capsys):
+def test_evaluate_trained_model_writes_report_and_plots_and_leaves_the_model_alone(
+    lfw_sample, tmp_path, capsys
+):
     run = tmp_path / "run"
     assert load_recipe("train_r18_lfw").main(tiny_train_args(lfw_sample, run, "--train.max_steps=2")) == 0
     model_dir = run / "model"

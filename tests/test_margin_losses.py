@@ -145,7 +145,9 @@ def test_empty_batch_is_attached_zero():
     loss, stats = loss_fn(emb, torch.zeros(0, dtype=torch.int64))
     loss.backward()
     assert (
-        float(loss.detach()) == 0.0 and loss_fn.weight.grad is not None and float(stats["classifier_accuracy"]) == 0.0
+        float(loss.detach()) == 0.0
+        and loss_fn.weight.grad is not None
+        and float(stats["classifier_accuracy"]) == 0.0
     )
 
 

@@ -41,7 +41,9 @@ def _calibrate_argv(model_dir, lfw_sample, *extra):
 
 
 @pytest.mark.slow
-def test_calibrate_stores_threshold_and_score_fitted_on_the_named_folds(trained, lfw_sample, tmp_path, capsys):
+def test_calibrate_stores_threshold_and_score_fitted_on_the_named_folds(
+    trained, lfw_sample, tmp_path, capsys
+):
     model_dir = tmp_path / "model"
     shutil.copytree(trained, model_dir)
     out = tmp_path / "cal"
@@ -102,7 +104,10 @@ def test_verify_decides_with_stored_threshold_or_far_and_scores(trained, lfw_sam
 
     assert cli_main(["verify", str(model_dir), str(a), str(b), "--far", "0.1", "--json"]) == 0
     other = json.loads(capsys.readouterr().out)
-    assert other["threshold"] == pytest.approx(cal.threshold_at_far(0.1)) and other["threshold_source"] == "far=0.1"
+    assert (
+        other["threshold"] == pytest.approx(cal.threshold_at_far(0.1))
+        and other["threshold_source"] == "far=0.1"
+    )
     direct = verify_pair(model, a, b, far=0.1)
     assert direct.distance == pytest.approx(other["distance"], abs=1e-6)
     assert other["same"] == (other["distance"] <= other["threshold"])

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from facenet_hf.cli.common import setup_logging
+from facenet_hf.cli.common import progress_enabled, setup_logging
 from facenet_hf.constants import DISTANCES, FLIP_MODES
 
 __all__ = ["main"]
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 squared=distance == "squared_euclidean",
                 far_target=args.far,
                 check_alignment=not args.skip_alignment_check,
+                progress=progress_enabled(),
             )
         except ValueError as e:
             print(f"facenet-hf evaluate: {e}", file=sys.stderr)

@@ -187,7 +187,9 @@ class EmbeddingTable:
         """A unique name per row: the path, with ``#face_index`` appended for detected faces."""
         if self.face_index is None:
             return list(self.paths)
-        return [p if int(f) < 0 else f"{p}#{int(f)}" for p, f in zip(self.paths, self.face_index, strict=True)]
+        return [
+            p if int(f) < 0 else f"{p}#{int(f)}" for p, f in zip(self.paths, self.face_index, strict=True)
+        ]
 
     def select(self, rows: Any) -> EmbeddingTable:
         """The table restricted to ``rows`` (indices or a boolean mask), in that order."""
@@ -212,7 +214,9 @@ class EmbeddingTable:
         def col(name, fill):
             if all(getattr(t, name) is None for t in tables):
                 return None
-            return [v for t in tables for v in (getattr(t, name) if getattr(t, name) is not None else fill(t))]
+            return [
+                v for t in tables for v in (getattr(t, name) if getattr(t, name) is not None else fill(t))
+            ]
 
         dim = dims.pop() if dims else tables[0].dim
         face = col("face_index", lambda t: [-1] * len(t))
@@ -269,7 +273,9 @@ def read_table(path: str | os.PathLike) -> EmbeddingTable:
     boxes = None
     if "box" in names:
         rows = table.column("box").to_pylist()
-        boxes = np.asarray([r if r is not None else [np.nan] * 4 for r in rows], dtype=np.float32).reshape(-1, 4)
+        boxes = np.asarray([r if r is not None else [np.nan] * 4 for r in rows], dtype=np.float32).reshape(
+            -1, 4
+        )
     try:
         return EmbeddingTable(paths, emb, identities, face, boxes)
     except ValueError as e:
