@@ -125,3 +125,22 @@ def test_calibration_travels_in_config_json(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(InvalidConfigError, match="fitted on squared_euclidean distances"):
         FaceNet.from_pretrained(tmp_path / "m")
+
+
+def test_the_model_card_states_the_calibration_and_its_data(tmp_path):
+    from facenet_hf.hub import write_model_card
+
+    d, y = _pairs(n_diff=1000)
+    cal = fit_calibration(d, y, fitted_on={"dataset": "lfw-deepfunneled", "folds": [10]})
+    model = FaceNet(
+        backbone="resnet18", embedding_dim=8, image_size=32, threshold=1.1, calibration=cal.to_dict()
+    )
+    model.save_pretrained(tmp_path / "m")
+    card = write_model_card(tmp_path / "m").read_text()
+    row = next(line for line in card.splitlines() if line.startswith("| Calibrated score"))
+    assert "logistic regression" in row and "1400 pairs (400 matched, 1000 mismatched" in row
+    assert "dataset lfw-deepfunneled" in row and "folds [10]" in row
+    t = cal.threshold_at_far(1e-3)
+    assert f"| Threshold at FAR=0.001 | {t:.4f} (TAR {100 * cal.tar_at_far(1e-3):.2f}%" in card
+    FaceNet(backbone="resnet18", embedding_dim=8, image_size=32).save_pretrained(tmp_path / "plain")
+    assert "| Calibrated score | none" in write_model_card(tmp_path / "plain").read_text()
