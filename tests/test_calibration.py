@@ -144,3 +144,11 @@ def test_the_model_card_states_the_calibration_and_its_data(tmp_path):
     assert f"| Threshold at FAR=0.001 | {t:.4f} (TAR {100 * cal.tar_at_far(1e-3):.2f}%" in card
     FaceNet(backbone="resnet18", embedding_dim=8, image_size=32).save_pretrained(tmp_path / "plain")
     assert "| Calibrated score | none" in write_model_card(tmp_path / "plain").read_text()
+
+
+def test_an_unknown_flip_mode_is_refused():
+    d, y = _pairs()
+    data = fit_calibration(d, y).to_dict()
+    data["flip"] = "bogus"
+    with pytest.raises(ValueError, match="flip must be one of"):
+        Calibration.from_dict(data)

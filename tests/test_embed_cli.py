@@ -153,3 +153,16 @@ def test_detected_faces_get_an_index_and_a_box(lfw_sample, tmp_path):
     centres = (table.boxes[:, :2] + table.boxes[:, 2:]) / 2
     assert np.all(np.abs(centres - 125) < 40)
     np.testing.assert_allclose(table.embeddings, aligned.embed(table.paths).numpy(), atol=1e-5)
+
+
+def test_a_table_is_extended_only_by_the_model_and_flip_that_made_it(model_dir, people, tmp_path):
+    model = FaceNet.from_pretrained(model_dir)
+    out = tmp_path / "emb.parquet"
+    first = sorted(people.rglob("*.jpg"))[0]
+    summary = embed_sources(model, [people, first], out, detect=False, progress=False)
+    assert summary.rows == 12  # the file named twice is embedded once
+    with pytest.raises(ValueError, match="another model or flip mode"):
+        embed_sources(model, [people], out, detect=False, flip="sum", progress=False)
+    other = FaceNet(backbone="resnet18", embedding_dim=16, image_size=32).eval()
+    with pytest.raises(ValueError, match="another model or flip mode"):
+        embed_sources(other, [people], out, detect=False, progress=False)

@@ -132,3 +132,12 @@ def test_verify_errors_name_what_is_wrong(trained, lfw_sample, tmp_path, capsys)
     assert "facenet-hf calibrate" in capsys.readouterr().err
     assert cli_main(["verify", str(tmp_path), str(a), str(a)]) == 1
     assert "cannot load model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_check_folds_alone_fit_on_every_other_fold(trained, lfw_sample, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    shutil.copytree(trained, model_dir)
+    assert cli_main([*_calibrate_argv(model_dir, lfw_sample, "--check-folds", "10"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["fitted_on"]["folds"] == list(range(1, 10)) and summary["check"]["folds"] == [10]

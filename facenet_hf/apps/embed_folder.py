@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from facenet_hf.data.images import BadImageError, load_image
-from facenet_hf.evaluation.embeddings_io import EmbeddingTable, read_table, write_table
+from facenet_hf.evaluation.embeddings_io import EmbeddingTable, read_table, read_table_metadata, write_table
 from facenet_hf.faces import FaceAligner, build_detector
 from facenet_hf.faces.tree import list_images
 from facenet_hf.fileio import atomic_path
@@ -111,7 +111,10 @@ def collect_items(sources: Sequence[str | os.PathLike], *, identities: str = "au
         items += found
     if identities == "none":
         items = [EmbedItem(i.key, i.image) for i in items]
-    return items
+    unique: dict[str, EmbedItem] = {}
+    for item in items:  # a file named twice (a folder and a file in it) is embedded once
+        unique.setdefault(item.key, item)
+    return list(unique.values())
 
 
 def _dataset_items(ds, text: str, identities: str, root: Path | None = None) -> list[EmbedItem]:
@@ -241,15 +244,17 @@ def failures_path(out: Path) -> Path:
     return out.with_name(out.stem + ".failures.csv")
 
 
-def _read_failures(path: Path) -> list[tuple[str, str]]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return [
-            (r["path"], r["reason"])
-            for r in csv.DictReader(f)
-            if r.get("path") and r.get("reason") is not None
-        ]
+def _read_failures(*paths: Path) -> list[tuple[str, str]]:
+    """The failures listed in these files, one per path (the last reason wins)."""
+    out: dict[str, str] = {}
+    for path in paths:
+        if path.is_file():
+            with path.open(newline="") as f:
+                rows = csv.DictReader(f)
+                out.update(
+                    (r["path"], r["reason"]) for r in rows if r.get("path") and r.get("reason") is not None
+                )
+    return list(out.items())
 
 
 def _write_failures(path: Path, rows: Sequence[tuple[str, str]]) -> None:
@@ -257,6 +262,19 @@ def _write_failures(path: Path, rows: Sequence[tuple[str, str]]) -> None:
         w = csv.writer(f)
         w.writerow(FAILURE_COLUMNS)
         w.writerows(rows)
+
+
+def _check_same_embedder(path: Path, meta: dict) -> None:
+    """Refuse to extend a table made by another model or flip mode (its vectors would not compare)."""
+    made = read_table_metadata(path)
+    if not made:
+        return
+    if made.get("model_fingerprint") != meta["model_fingerprint"] or made.get("flip") != meta["flip"]:
+        raise ValueError(
+            f"{path} was made by another model or flip mode (flip {made.get('flip')!r}, model "
+            f"{str(made.get('model_fingerprint'))[:19]}...; now flip {meta['flip']!r}, model "
+            f"{meta['model_fingerprint'][:19]}...): its vectors would not compare with this run's; write a new file"
+        )
 
 
 def embed_sources(
@@ -288,12 +306,22 @@ def embed_sources(
     if not resume and (out.exists() or parts.exists()):
         raise FileExistsError(f"{out} (or its part files) exists: resume it, or choose another output file")
     items = collect_items(sources, identities=identities)
+    from facenet_hf.apps.gallery import model_fingerprint
+
+    meta = {"model_fingerprint": model_fingerprint(model), "flip": flip, "detect": detect}
     tables: list[EmbeddingTable] = []
+    part_files = sorted(parts.glob("part-*.parquet")) if parts.is_dir() else []
+    for earlier in ([out] if out.is_file() else []) + part_files:
+        _check_same_embedder(earlier, meta)
     if out.is_file():
         tables.append(read_table(out))
-    part_files = sorted(parts.glob("part-*.parquet")) if parts.is_dir() else []
-    tables += [read_table(p) for p in part_files]
-    failures = _read_failures(fail_file) + _read_failures(parts / "failures.csv")
+    in_out = set(tables[0].paths) if tables else set()
+    for p in (
+        part_files
+    ):  # a run killed after writing `out` but before removing its parts: those rows are in `out`
+        part = read_table(p)
+        tables.append(part.select([j for j, key in enumerate(part.paths) if key not in in_out]))
+    failures = _read_failures(fail_file, parts / "failures.csv")
     done = {p for t in tables for p in t.paths}
     if not retry_failed:
         done |= {p for p, _ in failures}
@@ -319,7 +347,7 @@ def embed_sources(
             model, chunk, flip=flip, detect=detect, faces=faces, batch_size=batch_size, aligner=aligner
         )
         part = parts / f"part-{next_part:05d}.parquet"
-        write_table(part, table)
+        write_table(part, table, metadata=meta)
         next_part += 1
         tables.append(table)
         failures += bad
@@ -330,15 +358,15 @@ def embed_sources(
             on_chunk(embedded)
     bar.close()
     merged = EmbeddingTable.concat(tables) if tables else None
-    if merged is None:
-        raise ValueError(
-            f"nothing to write: every image of {list(map(str, sources))} failed (see {fail_file})"
-        )
-    write_table(out, merged)
     if failures:
         _write_failures(fail_file, failures)
     elif fail_file.exists():
         fail_file.unlink()
+    if merged is None:
+        raise ValueError(
+            f"nothing to write: every image of {list(map(str, sources))} failed (see {fail_file})"
+        )
+    write_table(out, merged, metadata=meta)
     shutil.rmtree(parts, ignore_errors=True)
     if failures:
         logger.warning(

@@ -105,7 +105,10 @@ _ARCH_FIELDS = (
 def model_fingerprint(model: torch.nn.Module) -> str:
     """``sha256:...`` of what decides a model's embeddings: its architecture and preprocessing fields and every
     weight (as float32). The threshold, calibration and library version are left out: calibrating a model again
-    does not change its embeddings."""
+    does not change its embeddings. An exported model (``weights_fingerprint``) is identified by its file's hash."""
+    given = getattr(model, "weights_fingerprint", None)
+    if isinstance(given, str):
+        return given
     h = hashlib.sha256()
     config = getattr(model, "config", {}) or {}
     h.update(json.dumps({k: config.get(k) for k in _ARCH_FIELDS}, sort_keys=True, default=str).encode())

@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         all_pairs = read_pairs(args.pairs)
-        fit_pairs = all_pairs.select_folds(args.folds) if args.folds else all_pairs
+        # without --folds: every fold but the check folds (never fit on the pairs it is checked on)
+        fit_folds = args.folds or [f for f in all_pairs.folds if f not in set(args.check_folds)]
+        fit_pairs = all_pairs.select_folds(fit_folds) if fit_folds != all_pairs.folds else all_pairs
         check_pairs = all_pairs.select_folds(args.check_folds) if args.check_folds else None
     except (FileNotFoundError, ValueError) as e:
         print(f"facenet-hf calibrate: {e}", file=sys.stderr)

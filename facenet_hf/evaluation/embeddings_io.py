@@ -25,6 +25,7 @@ __all__ = [
     "load_embeddings",
     "pair_distances",
     "read_table",
+    "read_table_metadata",
     "save_embeddings",
     "write_table",
 ]
@@ -230,8 +231,16 @@ class EmbeddingTable:
         )
 
 
-def write_table(path: str | os.PathLike, table: EmbeddingTable) -> Path:
-    """Write an :class:`EmbeddingTable` to ``.parquet`` (all columns) atomically; row keys must be unique."""
+TABLE_METADATA_KEY = b"facenet_hf"
+
+
+def write_table(
+    path: str | os.PathLike, table: EmbeddingTable, *, metadata: Mapping[str, Any] | None = None
+) -> Path:
+    """Write an :class:`EmbeddingTable` to ``.parquet`` (all columns) atomically; row keys must be unique.
+
+    ``metadata`` (JSON-able, e.g. the model's fingerprint and flip mode) is stored in the file's schema metadata;
+    :func:`read_table_metadata` reads it back."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -252,9 +261,24 @@ def write_table(path: str | os.PathLike, table: EmbeddingTable) -> Path:
         )
     cols["embedding"] = _embedding_column(table.embeddings)
     out.parent.mkdir(parents=True, exist_ok=True)
+    arrow = pa.table(cols)
+    if metadata:
+        import json
+
+        arrow = arrow.replace_schema_metadata({TABLE_METADATA_KEY: json.dumps(dict(metadata)).encode()})
     with atomic_path(out) as tmp:
-        pq.write_table(pa.table(cols), tmp)
+        pq.write_table(arrow, tmp)
     return out
+
+
+def read_table_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata :func:`write_table` stored in a parquet file ({} when there is none)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    raw = (pq.read_schema(path).metadata or {}).get(TABLE_METADATA_KEY)
+    return json.loads(raw) if raw else {}
 
 
 def read_table(path: str | os.PathLike) -> EmbeddingTable:

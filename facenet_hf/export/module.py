@@ -50,6 +50,8 @@ class OnnxFaceNet(nn.Module):
         self.alignment = copy.deepcopy(cfg.get("alignment"))
         self.calibration = copy.deepcopy(cfg.get("calibration"))
         self.read_only = True
+        # identifies the embeddings (model_fingerprint): the ONNX file's hash, as its weights are not tensors here
+        self.weights_fingerprint = f"sha256:{self.embedder.sha256}" if self.embedder.sha256 else None
         # facenet_hf finds a model's device from its parameters (embed_files, the aligner): an empty one
         self.device_anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
 

@@ -267,6 +267,9 @@ class OnnxEmbedder:
                 f"{self.folder} has no int8 model: export it with `facenet-hf export MODEL --out DIR --int8`"
             )
         self.path = self.folder / entry["path"]
+        self.sha256 = entry.get(
+            "sha256"
+        )  # what the gallery's model check compares (the weights are in the file)
         ort = require("onnxruntime")
         options = ort.SessionOptions()
         if threads is not None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from facenet_hf.constants import DISTANCES, MAX_DISTANCE
+from facenet_hf.constants import DISTANCES, FLIP_MODES, MAX_DISTANCE
 from facenet_hf.validation import is_real
 
 __all__ = [
@@ -149,6 +149,8 @@ def _validate(c: Calibration) -> None:
         raise ValueError(f"method must be one of {list(CALIBRATION_METHODS)}, got {c.method!r}")
     if c.distance not in DISTANCES:
         raise ValueError(f"distance must be one of {list(DISTANCES)}, got {c.distance!r}")
+    if c.flip not in FLIP_MODES:
+        raise ValueError(f"flip must be one of {list(FLIP_MODES)}, got {c.flip!r}")
     if c.method == "logistic":
         if set(c.params) != {"a", "b"} or not all(is_real(c.params[k]) for k in ("a", "b")):
             raise ValueError(f"logistic params must be finite numbers 'a' and 'b', got {c.params!r}")
