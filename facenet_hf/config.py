@@ -113,6 +113,10 @@ class DataConfig:
     bad_images: BadImagePolicy = "skip"  # what an unusable image file does (docs/robustness.md)
     prescan: PrescanMode = "header"  # check every training image before training
     max_bad_fraction: float = 0.5  # refuse to train when more of the files are bad (0..1)
+    # a text file of identity names (one a line, `#` comments) dropped from every training source before
+    # sampling, e.g. VGGFace2's people who are also LFW's (n000123 folder names); `source:name` targets one of
+    # data.extra_sources; read when training (read_exclusion_file), not when the config is read
+    exclude_identities_file: str | None = None
 
 
 @dataclass
@@ -363,6 +367,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             "data.pairs needs data.lfw_dir (the folder holding the pair images Name/Name_NNNN.jpg)"
         )
+    if cfg.data.exclude_identities_file is not None and not cfg.data.exclude_identities_file.strip():
+        raise ConfigError(
+            "data.exclude_identities_file: an empty path; give a text file of identity names (one a line) or null"
+        )
     _validate_loss(cfg.loss)
     _validate_sources(cfg.data)
     return cfg
@@ -417,6 +425,82 @@ def _validate_sources(d: DataConfig) -> None:
                 "name: (the prefix that keeps their identities apart)"
             )
         seen[name] = i
+
+
+@dataclass(frozen=True)
+class IdentityExclusions:
+    """The names of a ``data.exclude_identities_file`` (:func:`read_exclusion_file`).
+
+    ``lines`` maps ``(source, name)`` to the line that first lists it: ``source`` is ``None`` for a plain name
+    (matched against every training source's raw names) or the name of the one ``data.extra_sources`` entry a
+    ``source:name`` line targets.
+    """
+
+    path: str
+    lines: dict[tuple[str | None, str], int]
+
+    def names_for(self, source: str | None) -> set[str]:
+        """The raw names to drop from ``source`` (``None``: the first source): the plain names, and for an
+        extra source also the ones its ``source:`` prefix targets."""
+        return {n for (s, n) in self.lines if s is None or (source is not None and s == source)}
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+
+_NOT_IN_A_NAME = re.compile(r"[\s,\"]")
+
+
+def read_exclusion_file(path: str | Path, source_names: typing.Collection[str] = ()) -> IdentityExclusions:
+    """Read a ``data.exclude_identities_file``: one identity name a line, as the source names it (a VGGFace2
+    folder name ``n000123``, an LFW name ``Aaron_Eckhart``, a labels file's identity); everything from ``#`` to
+    the end of a line is a comment; blank lines are ignored; a name listed twice counts once.
+
+    ``source:name`` (``source`` one of ``source_names``, the names of ``data.extra_sources``) drops ``name`` from
+    that source only; any other line, colons included, is one name matched against every source. Raises
+    :class:`ConfigError` naming the file (and the line) when the file is missing or not UTF-8 text, or a line
+    holds something that is not one name (spaces, commas or quotes inside: a CSV row, two names on a line).
+    """
+    file = Path(path).expanduser()
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"data.exclude_identities_file: {str(file)!r} does not exist (a text file of identity names to drop "
+            "from training, one a line; relative paths are relative to the working folder)"
+        ) from None
+    except IsADirectoryError:
+        raise ConfigError(f"data.exclude_identities_file: {str(file)!r} is a folder, not a file") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"data.exclude_identities_file {str(file)!r}, line {line}: not UTF-8 text ({exc.reason}); save it as UTF-8"
+        ) from None
+    known = set(source_names)
+    lines: dict[tuple[str | None, str], int] = {}
+    for no, line in enumerate(text.splitlines(), start=1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        where = f"data.exclude_identities_file {str(file)!r}, line {no}"
+        if _NOT_IN_A_NAME.search(entry):
+            raise ConfigError(
+                f"{where}: {entry!r} is not one identity name (a name has no spaces, commas or quotes); list one "
+                "name a line as the source names it (a VGGFace2 folder name n000123, an LFW name Aaron_Eckhart), "
+                "optionally '<source>:<name>' for one of data.extra_sources; reduce a CSV such as VGGFace2's "
+                "identity_meta.csv to its Class_ID column first"
+            )
+        source, sep, name = entry.partition(":")
+        if entry.startswith(":") or (sep and source in known and not name):
+            raise ConfigError(
+                f"{where}: {entry!r} has an empty source or name; write '<source>:<name>' (source one of "
+                f"{sorted(known) or 'data.extra_sources, none configured'}) or a plain name"
+            )
+        key = (source, name) if sep and source in known else (None, entry)
+        lines.setdefault(key, no)
+    return IdentityExclusions(str(file), lines)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -197,3 +197,17 @@ def test_cluster(tmp_path, capsys):
     assert best["agglomerative"] > 0.9 and data["synthetic"]["verification_accuracy"] > 0.95
     assert bench.identity_sizes(1000, 100, np.random.default_rng(0)).sum() == 1000
     assert "| method | faces | seconds | clusters |" in capsys.readouterr().out
+
+
+def test_listing(tmp_path, capsys):
+    out = tmp_path / "listing.json"
+    assert (
+        load_bench("bench_listing").main(["--quick", "--work", str(tmp_path / "w"), "--out", str(out)]) == 0
+    )
+    data = json.loads(out.read_text())
+    rows = {r["method"]: r for r in data["results"]}
+    assert set(rows) == {"imports", "folder", "parquet"}
+    # both routes see every generated file, as the same identities
+    assert rows["folder"]["rows"] == rows["parquet"]["rows"] == data["meta"]["files"] == 2000
+    assert data["pack"]["shards"] == 4 and all(r["seconds"] > 0 for r in rows.values())
+    assert "| method | start | seconds to a ready P x K index |" in capsys.readouterr().out

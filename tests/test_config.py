@@ -22,6 +22,27 @@ def test_every_shipped_config_loads():
         assert isinstance(cfg, Config)
 
 
+def test_the_vggface2_presets_are_one_block_per_gpu_with_global_mining():
+    from facenet_hf.config import read_exclusion_file
+
+    g1 = load_config(ROOT / "configs/vggface2/r50_vggface2_112_g1.yaml")
+    g8 = load_config(ROOT / "configs/vggface2/r50_vggface2_112_g8.yaml")
+    for cfg in (g1, g8):
+        assert (cfg.model.backbone, cfg.model.image_size, cfg.model.alignment) == (
+            "resnet50",
+            112,
+            "five_point",
+        )
+        assert cfg.train.mixed_precision == "bf16" and cfg.data.holdout_folds == []
+        assert cfg.data.train_source == "data/vggface2-112/train" and cfg.data.pairs
+        assert cfg.data.exclude_identities_file == "configs/vggface2/lfw_overlap_example.txt"
+    assert (g1.data.p, g1.data.k) == (g8.data.p, g8.data.k) == (32, 4)  # the same block on every GPU
+    assert not g1.loss.global_mining and g8.loss.global_mining
+    assert g8.train.lr == pytest.approx(g1.train.lr * (8 * 128 / 128) ** 0.5, rel=1e-3)  # square-root rule
+    template = read_exclusion_file(ROOT / g1.data.exclude_identities_file)
+    assert len(template) == 0  # a template: the real overlap list is the user's to make (docs/scaling.md)
+
+
 def test_seed_recipe_preset_matches_its_name():
     cfg = load_config(ROOT / "configs/lfw/r18_lfw_224_e2_adam_g1.yaml", ["train.mixed_precision=no"])
     assert (cfg.model.backbone, cfg.model.image_size, cfg.train.epochs) == ("resnet18", 224, 2)

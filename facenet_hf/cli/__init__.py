@@ -23,6 +23,7 @@ COMMANDS = {
     "cluster": "facenet_hf.cli.cluster",
     "plot": "facenet_hf.cli.plot",
     "export": "facenet_hf.cli.export",
+    "pack": "facenet_hf.cli.pack",
 }
 
 

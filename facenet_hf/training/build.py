@@ -3,12 +3,21 @@ the data (identity-disjoint from the evaluation pairs; every data error surfaces
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from facenet_hf.config import Config, ConfigError, SourceConfig, source_name
+from facenet_hf.config import (
+    Config,
+    ConfigError,
+    IdentityExclusions,
+    SourceConfig,
+    read_exclusion_file,
+    source_name,
+)
 from facenet_hf.constants import FIXED_MEAN, FIXED_STD
 from facenet_hf.data.images import BadImageError
 from facenet_hf.data.lfw import (
@@ -20,7 +29,7 @@ from facenet_hf.data.lfw import (
     read_pairs,
 )
 from facenet_hf.data.prescan import prescan_dataset, scan_files
-from facenet_hf.data.sources import arrow_column, combine_sources, load_source
+from facenet_hf.data.sources import arrow_column, combine_sources, keep_rows, load_source
 from facenet_hf.faces.align import AlignmentSpec
 from facenet_hf.faces.tree import folder_alignment
 from facenet_hf.model import FaceNet
@@ -127,8 +136,18 @@ def build_data(cfg: Config, *, bad_images: list | None = None, progress: bool = 
     images, and (``data.prescan``) unusable training images: the first one with ``data.bad_images=error``, more
     than ``data.max_bad_fraction`` of them with ``skip``; else they are dropped and their ``[path, reason]``
     appended to ``bad_images``.
+
+    ``data.exclude_identities_file``: its identities are dropped from every source (by their raw names, before the
+    held-out split, the overlap checks and the pre-scan); the counts are logged, and a listed name that no source
+    holds is warned about.
     """
     d = cfg.data
+    exclusions = (
+        read_exclusion_file(d.exclude_identities_file, [source_name(s) for s in d.extra_sources])
+        if d.exclude_identities_file
+        else None
+    )
+    dropper = _Exclusion(exclusions) if exclusions is not None else None
     source = d.train_source or d.lfw_dir
     folders = {source, d.lfw_dir, *(s.path for s in d.extra_sources)}
     check_alignment(cfg, sorted(f for f in folders if f and Path(f).is_dir()))
@@ -139,13 +158,18 @@ def build_data(cfg: Config, *, bad_images: list | None = None, progress: bool = 
         name_column=d.name_column,
         labels_file=d.labels_file,
     )
+    if dropper is not None:  # before the checks: a listed LFW person is dropped, not refused
+        ds = dropper.apply(ds, None, f"the first source ({source})")
     pairs: LFWPairs | None = read_pairs(d.pairs) if d.pairs else None
     if pairs is not None and d.holdout_folds:
-        ds, pairs = identity_disjoint_split(ds, pairs, d.holdout_folds)
-    elif pairs is not None:
-        check_disjoint(set(ds.unique("identity")), pairs)
+        with _quiet_datasets():  # a source filtered by the exclusions is flattened here: no bar for that
+            ds, pairs = identity_disjoint_split(ds, pairs, d.holdout_folds)
+    elif pairs is not None:  # read from Arrow: Dataset.unique would copy a filtered source, image bytes too
+        check_disjoint(_identities(ds), pairs)
     if d.extra_sources:
-        ds = _with_extra_sources(ds, d.extra_sources, pairs)
+        ds = _with_extra_sources(ds, d.extra_sources, pairs, dropper)
+    if dropper is not None:
+        dropper.report()
     if pairs is not None:
         _check_pair_images(cfg, pairs)
     total = len(ds)
@@ -170,7 +194,9 @@ def build_data(cfg: Config, *, bad_images: list | None = None, progress: bool = 
     return ds, pairs
 
 
-def _with_extra_sources(primary, extras: list[SourceConfig], pairs: LFWPairs | None):
+def _with_extra_sources(
+    primary, extras: list[SourceConfig], pairs: LFWPairs | None, dropper: _Exclusion | None = None
+):
     """The primary source and ``data.extra_sources`` as one dataset with disjoint label spaces.
 
     Each extra source is refused (:class:`SplitOverlapError` naming it) if any of its identities, by its own name
@@ -190,6 +216,8 @@ def _with_extra_sources(primary, extras: list[SourceConfig], pairs: LFWPairs | N
             name_column=src.name_column,
             labels_file=src.labels_file,
         )
+        if dropper is not None:
+            ds = dropper.apply(ds, name, where)
         names = _identities(ds)
         if pairs is not None:
             try:
@@ -212,6 +240,97 @@ def _with_extra_sources(primary, extras: list[SourceConfig], pairs: LFWPairs | N
         seen.update(dict.fromkeys(names - seen.keys(), where))
         parts.append((name, ds))
     return combine_sources(parts)
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """No ``datasets`` progress bars inside (a table operation of a second is not worth one)."""
+    import datasets
+
+    shown = not datasets.are_progress_bars_disabled()
+    if shown:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
+
+
+class _Exclusion:
+    """``data.exclude_identities_file`` applied source by source: what each source lost, which names matched."""
+
+    def __init__(self, exclusions: IdentityExclusions) -> None:
+        self.exclusions = exclusions
+        self.found: dict[str | None, set[str]] = {}  # source name (None: the first) -> the raw names it held
+        self.dropped: list[tuple[str, int, int]] = []  # (where, identities, images) per source that lost any
+
+    def apply(self, ds, source: str | None, where: str):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        names = self.exclusions.names_for(source)
+        if not names:
+            self.found[source] = set()
+            return ds
+        identity = arrow_column(ds, "identity")
+        hit = pc.is_in(identity, value_set=pa.array(sorted(names), pa.string())).to_numpy(
+            zero_copy_only=False
+        )
+        found = set(pc.unique(pc.filter(identity, hit)).to_pylist()) if hit.any() else set()
+        self.found[source] = found
+        if not found:
+            return ds
+        keep = np.flatnonzero(~hit)
+        if keep.size == 0:
+            raise ConfigError(
+                f"data.exclude_identities_file {self.exclusions.path!r} drops every identity of {where} "
+                f"({len(found)} identities, {len(ds)} images): nothing is left to train on from it"
+            )
+        self.dropped.append((where, len(found), int(hit.sum())))
+        with _quiet_datasets():  # a source already filtered is flattened: no bar for that
+            return keep_rows(ds, keep, tag=f"exclude-{len(found)}-{int(hit.sum())}")
+
+    def report(self) -> None:
+        """Log what was dropped; warn about each listed name that no source (or not its own source) holds."""
+        ex = self.exclusions
+        everywhere = set().union(*self.found.values()) if self.found else set()
+        unknown = sorted(
+            (line, f"{s}:{n}" if s is not None else n)
+            for (s, n), line in ex.lines.items()
+            if (n not in everywhere if s is None else n not in self.found.get(s, set()))
+        )
+        identities = sum(i for _, i, _ in self.dropped)
+        images = sum(m for _, _, m in self.dropped)
+        if not ex.lines:
+            logger.warning(
+                "data.exclude_identities_file %s lists no identities: nothing dropped (fill it with the names to "
+                "leave out, one a line)",
+                ex.path,
+            )
+        else:
+            per_source = "; ".join(f"{w}: {i} identities, {m} images" for w, i, m in self.dropped) or "none"
+            logger.info(
+                "data.exclude_identities_file %s: dropped %d identities (%d images) of the %d listed names "
+                "before sampling (%s)",
+                ex.path,
+                identities,
+                images,
+                len(ex),
+                per_source,
+            )
+        if unknown:
+            shown = ", ".join(f"{n!r} (line {line})" for line, n in unknown[:20])
+            more = f", and {len(unknown) - 20} more" if len(unknown) > 20 else ""
+            logger.warning(
+                "data.exclude_identities_file %s: %d listed names match no identity of their source(s), so "
+                "nothing was dropped for them: %s%s; check the spelling (the source's own names: a VGGFace2 "
+                "folder name n000123, an LFW name Aaron_Eckhart) or the '<source>:' prefix",
+                ex.path,
+                len(unknown),
+                shown,
+                more,
+            )
 
 
 def _identities(ds) -> set[str]:
