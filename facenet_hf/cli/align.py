@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from facenet_hf.cli.common import setup_logging
+from facenet_hf.cli.common import setup_logging, shard_arg
 
 __all__ = ["main"]
 
@@ -15,16 +15,6 @@ EXAMPLE = """example:
   # 4 machines (or processes), each one share; rerun the same command to resume:
   facenet-hf align /data/vggface2/train /data/vggface2-112 --shard 0/4
 """
-
-
-def _shard(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise argparse.ArgumentTypeError(f"--shard i/n needs 0 <= i < n, got {text!r}")
-    return i, n
 
 
 def parser() -> argparse.ArgumentParser:
@@ -67,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--min-face-size", type=int, default=20, help="smallest face the detector looks for, px")
     p.add_argument(
-        "--shard", type=_shard, default=(0, 1), metavar="i/n", help="do every n-th file from the i-th"
+        "--shard", type=shard_arg, default=(0, 1), metavar="i/n", help="do every n-th file from the i-th"
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=1, help="decoding worker processes")

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from facenet_hf.cli.common import load_model_or_error, progress_enabled, setup_logging
+from facenet_hf.cli.common import load_model_or_error, message_naming, progress_enabled, setup_logging
 from facenet_hf.constants import DISTANCES
 
 __all__ = ["main"]
@@ -76,11 +76,6 @@ def _fail(message: str) -> int:
     return 1
 
 
-def _named(path: str, e: BaseException) -> str:
-    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    return msg if path in msg else f"{path}: {msg}"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     for flag, value, low in (
@@ -135,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         table = read_table(args.embeddings)
     except (FileNotFoundError, KeyError, ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
-        return _fail(_named(args.embeddings, e))
+        return _fail(message_naming(args.embeddings, e))
     start = time.perf_counter()
     try:
         labels = C.cluster_embeddings(
@@ -149,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
         )
     except ValueError as e:
-        return _fail(_named(args.embeddings, e))
+        return _fail(message_naming(args.embeddings, e))
     seconds = time.perf_counter() - start
 
     out.mkdir(parents=True, exist_ok=True)

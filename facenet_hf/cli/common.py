@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from typing import Any
 
 from facenet_hf.config import ConfigError
 
-__all__ = ["load_model_or_error", "overrides_from_argv", "progress_enabled", "setup_logging"]
+__all__ = [
+    "load_model_or_error",
+    "message_naming",
+    "overrides_from_argv",
+    "progress_enabled",
+    "setup_logging",
+    "shard_arg",
+]
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -57,3 +65,20 @@ def load_model_or_error(command: str, model_id: str, *, revision: str | None = N
 def progress_enabled() -> bool:
     """Progress bars only on a terminal: a log file gets no carriage-return floods."""
     return sys.stderr.isatty()
+
+
+def shard_arg(text: str) -> tuple[int, int]:
+    """argparse type of ``--shard i/n`` (this worker's share of a job split n ways): ``"1/4"`` -> ``(1, 4)``."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise argparse.ArgumentTypeError(f"--shard i/n needs 0 <= i < n, got {text!r}")
+    return i, n
+
+
+def message_naming(path: str, e: BaseException) -> str:
+    """An exception's message, prefixed with ``path`` unless it already names it (a KeyError's without quotes)."""
+    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return msg if path in msg else f"{path}: {msg}"

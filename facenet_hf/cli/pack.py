@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from facenet_hf.cli.common import progress_enabled, setup_logging
+from facenet_hf.cli.common import progress_enabled, setup_logging, shard_arg
 
 __all__ = ["main"]
 
@@ -21,16 +21,6 @@ shards are skipped); with --shard i/n each process writes every n-th shard. --re
 short side is above S px (pre-resized shards, for when decoding starves the GPUs: docs/scaling.md)."""
 
 
-def _shard(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
-    if not 0 <= i < n:
-        raise argparse.ArgumentTypeError(f"--shard i/n needs 0 <= i < n, got {text!r}")
-    return i, n
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="facenet-hf pack",
@@ -42,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dst", help="output folder of parquet shards")
     parser.add_argument("--rows-per-shard", type=int, default=10_000)
     parser.add_argument(
-        "--shard", type=_shard, default=(0, 1), metavar="i/n", help="write every n-th shard from i"
+        "--shard", type=shard_arg, default=(0, 1), metavar="i/n", help="write every n-th shard from i"
     )
     parser.add_argument(
         "--resize", type=int, default=None, help="re-encode images with a short side above this"

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from facenet_hf.cli.common import load_model_or_error, progress_enabled, setup_logging
+from facenet_hf.cli.common import load_model_or_error, message_naming, progress_enabled, setup_logging
 from facenet_hf.constants import DISTANCES, FLIP_MODES
 
 __all__ = ["main"]
@@ -85,11 +85,6 @@ def _fail(message: str) -> int:
     return 1
 
 
-def _named(path: str, e: BaseException) -> str:
-    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    return msg if path in msg else f"{path}: {msg}"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     setup_logging()
@@ -116,14 +111,14 @@ def _map(args: argparse.Namespace) -> int:
     try:
         table = read_table(args.embeddings)
     except (FileNotFoundError, KeyError, ValueError, OSError) as e:
-        return _fail(_named(args.embeddings, e))
+        return _fail(message_naming(args.embeddings, e))
     labels: list[Any] | None = table.identities
     colour = "identity" if labels is not None else None
     if args.assignments:
         try:
             clusters = _read_assignments(args.assignments)
         except (OSError, ValueError) as e:
-            return _fail(_named(args.assignments, e))
+            return _fail(message_naming(args.assignments, e))
         face = table.face_index if table.face_index is not None else np.full(len(table), -1)
         keys = [(p, int(f)) for p, f in zip(table.paths, face, strict=True)]
         absent = [k for k in keys if k not in clusters]
@@ -148,7 +143,7 @@ def _map(args: argparse.Namespace) -> int:
             perplexity=args.perplexity,
         )
     except ValueError as e:
-        return _fail(_named(args.embeddings, e))
+        return _fail(message_naming(args.embeddings, e))
     result = {
         "out": str(out),
         "method": args.method,
@@ -177,13 +172,13 @@ def _errors(args: argparse.Namespace) -> int:
         if args.folds:
             pairs = pairs.select_folds(args.folds)
     except (FileNotFoundError, ValueError) as e:
-        return _fail(_named(args.pairs, e))
+        return _fail(message_naming(args.pairs, e))
     p1, p2 = pairs.paths()
     if args.embeddings:
         try:
             report, distances, distance = _from_embeddings(args, pairs, p1, p2)
         except (FileNotFoundError, KeyError, ValueError, OSError) as e:
-            return _fail(_named(args.embeddings, e))
+            return _fail(message_naming(args.embeddings, e))
         threshold, source = report["threshold"], "best-accuracy threshold on these pairs"
     else:
         from facenet_hf.evaluation.lfw_eval import evaluate_lfw
