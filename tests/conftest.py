@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,3 +73,38 @@ def full_celeba() -> Path:
             "FACENET_HF_CELEBA_DIR is not set to the CelebA folder (img_align_celeba/, identity_CelebA.txt)"
         )
     return Path(root)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for a multi-process run's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env() -> dict[str, str]:
+    """The environment of a multi-process CPU run: one OpenMP thread a process, offline, no inherited ranks."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def accelerate_launch_cmd(num_processes: int = 2) -> list[str]:
+    """``accelerate launch`` of N CPU processes (gloo). ``--cpu --num_processes N`` starts ONE process in
+    accelerate 1.x: ``--multi_gpu`` on a machine without GPUs is the way."""
+    return [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]

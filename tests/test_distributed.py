@@ -17,9 +17,7 @@ The fast tests check the same step arithmetic in one process, and the resume pos
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +28,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 import torch
-from conftest import ROOT, SAMPLE, tiny_train_args
+from conftest import ROOT, SAMPLE, accelerate_launch_cmd, launch_env, tiny_train_args
 
 from facenet_hf.cli.train import parse_train_config, train_parser
 from facenet_hf.data.sampler import PKBatchSampler
@@ -43,44 +41,17 @@ WORKER = Path(dw.__file__)
 LAUNCH_TIMEOUT = 600  # generous: the machine may be shared; a hang still ends
 
 
-def _env() -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(out: Path, *args: str, launcher: str = "torchrun") -> list[dict]:
     """Run ``dist_worker.py ARGS`` in 2 CPU processes; return each rank's record."""
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    else:  # `--cpu --num_processes 2` starts ONE process in accelerate 1.x: --multi_gpu + cpu=True is the way
-        cmd = [
-            str(Path(sys.executable).parent / "accelerate"),
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(_free_port()),
-        ]
+    else:
+        cmd = accelerate_launch_cmd(2)
     t0 = time.monotonic()
     proc = subprocess.run(
         [*cmd, str(WORKER), *args],
         cwd=ROOT,
-        env=_env(),
+        env=launch_env(),
         capture_output=True,
         text=True,
         timeout=LAUNCH_TIMEOUT,

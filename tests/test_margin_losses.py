@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +14,7 @@ import margin_dist_worker as mw
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SAMPLE, load_recipe, tiny_train_args
+from conftest import ROOT, SAMPLE, free_port, launch_env, load_recipe, tiny_train_args
 from safetensors.torch import load_file
 
 from facenet_hf import FaceNet
@@ -351,18 +349,10 @@ def test_resumed_arcface_run_equals_the_uninterrupted_one(tmp_path):
 # -------------------------------------------------------------------------------------- several processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out: Path, *args: str) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = launch_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    cmd += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    cmd += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     proc = subprocess.run(
         [*cmd, str(WORKER), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )

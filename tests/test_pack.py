@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import accelerate_launch_cmd, launch_env
 from PIL import Image
 
 from facenet_hf import FaceNet
@@ -86,12 +84,6 @@ def test_resize_and_bad_files(lfw_sample, tmp_path, capsys):
     assert "is the source" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_vggface2_stand_in_align_pack_train_two_processes_score_outside_data(lfw_sample, tmp_path):
     # 1. a VGGFace2-layout tree (LFW sample people renamed n000001..: nobody LFW scores by name)
@@ -131,19 +123,7 @@ def test_vggface2_stand_in_align_pack_train_two_processes_score_outside_data(lfw
     # 4. two processes (gloo) train on the shards with the VGGFace2 preset's code path, scaled down
     out = tmp_path / "run"
     cmd = [
-        str(Path(sys.executable).parent / "accelerate"),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(_free_port()),
+        *accelerate_launch_cmd(2),
         str(ROOT / "recipes" / "train_r18_lfw.py"),
         "--config",
         str(ROOT / "configs" / "demo" / "lfw_sample.yaml"),
@@ -165,8 +145,7 @@ def test_vggface2_stand_in_align_pack_train_two_processes_score_outside_data(lfw
         "--train.eval_batch_size=32",
         "--quiet",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     # 5. LFW scored as outside data: every pair of the fold, by a five-point model that records its input
     report = json.loads((out / "eval" / "lfw_report.json").read_text())
