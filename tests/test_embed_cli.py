@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from facenet_hf import FaceNet
-from facenet_hf.apps.embed_folder import embed_sources
+from facenet_hf.apps.embed_folder import DatasetRow, collect_items, embed_sources
 from facenet_hf.cli import main as cli_main
 from facenet_hf.evaluation import read_table
 
@@ -166,3 +166,25 @@ def test_a_table_is_extended_only_by_the_model_and_flip_that_made_it(model_dir, 
     other = FaceNet(backbone="resnet18", embedding_dim=16, image_size=32).eval()
     with pytest.raises(ValueError, match="another model or flip mode"):
         embed_sources(other, [people], out, detect=False, progress=False)
+
+
+def test_dataset_items_hold_row_references_not_image_bytes(model_dir, people, tmp_path):
+    """A parquet / Hub source is read chunk by chunk: the collected items reference rows, their keys are the
+    image column's paths, and the embeddings equal those of the same files on disk."""
+    files = sorted(people.rglob("*.jpg"))[:5]
+    images = [{"bytes": f.read_bytes(), "path": f"{f.parent.name}/{f.name}"} for f in files]
+    pq.write_table(
+        pa.table({"image": images, "label": [f.parent.name for f in files]}), tmp_path / "d.parquet"
+    )
+    items = collect_items([tmp_path / "d.parquet"])
+    assert all(isinstance(i.image, DatasetRow) for i in items)
+    assert sorted(i.key for i in items) == sorted(x["path"] for x in images)
+    model = FaceNet.from_pretrained(model_dir)
+    embed_sources(
+        model, [tmp_path / "d.parquet"], tmp_path / "e.parquet", detect=False, chunk_size=2, progress=False
+    )
+    table = read_table(tmp_path / "e.parquet")
+    by_key = dict(zip(table.paths, table.embeddings, strict=True))
+    want = model.embed(files, detect=False).numpy()
+    got = np.stack([by_key[f"{f.parent.name}/{f.name}"] for f in files])
+    np.testing.assert_allclose(got, want, atol=1e-5)

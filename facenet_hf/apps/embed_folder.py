@@ -34,7 +34,15 @@ from facenet_hf.model.inference import (
     model_transform,
 )
 
-__all__ = ["FACE_CHOICES", "EmbedItem", "EmbedSummary", "collect_items", "embed_items", "embed_sources"]
+__all__ = [
+    "FACE_CHOICES",
+    "DatasetRow",
+    "EmbedItem",
+    "EmbedSummary",
+    "collect_items",
+    "embed_items",
+    "embed_sources",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +51,23 @@ FAILURE_COLUMNS = ("path", "reason")
 
 
 @dataclass(frozen=True)
+class DatasetRow:
+    """Row ``index`` of a dataset's (undecoded) ``image`` column, read when it is embedded: a parquet file or Hub
+    dataset of millions of images is never held in memory (Arrow memory-maps it), only the chunk being embedded."""
+
+    dataset: Any
+    index: int
+
+    def read(self) -> Any:
+        """The row's ``{"bytes", "path"}`` (what :func:`load_image` reads)."""
+        return self.dataset[self.index]["image"]
+
+
+@dataclass(frozen=True)
 class EmbedItem:
     """One image to embed: ``key`` names it in the table (a path), ``image`` is what :func:`load_image` reads
-    (a path, or a ``{"bytes", "path"}`` row of a dataset), ``identity`` the person when the source says."""
+    (a path, a ``{"bytes", "path"}`` row) or a :class:`DatasetRow` read on use, ``identity`` the person when
+    the source says."""
 
     key: str
     image: Any
@@ -119,12 +141,21 @@ def collect_items(sources: Sequence[str | os.PathLike], *, identities: str = "au
 
 def _dataset_items(ds, text: str, identities: str, root: Path | None = None) -> list[EmbedItem]:
     """Items of a loaded source; a folder's relative paths are joined to the folder (so the table's paths open)."""
-    images = ds.with_format(None).cast_column("image", _undecoded(ds))["image"]
+    undecoded = ds.with_format(None).cast_column("image", _undecoded(ds))
     paths = ds["path"] if "path" in ds.column_names else [None] * len(ds)
+    if any(p is None for p in paths):  # the image column's own paths: read that field alone, not the bytes
+        image_paths: list[str | None] = []
+        for batch in undecoded.select_columns(["image"]).with_format("arrow").iter(batch_size=4096):
+            col = batch.column("image")  # {bytes, path} structs; memory-mapped, one batch at a time
+            image_paths += (
+                col.combine_chunks().field("path").to_pylist() if col.type.num_fields else [None] * len(col)
+            )
+        paths = [p if p is not None else q for p, q in zip(paths, image_paths, strict=True)]
     names = ds["identity"] if identities == "auto" and "identity" in ds.column_names else [None] * len(ds)
     out = []
-    for i, (img, p, name) in enumerate(zip(images, paths, names, strict=True)):
-        key = p or (img.get("path") if isinstance(img, dict) else None) or f"{text}#row{i}"
+    for i, (p, name) in enumerate(zip(paths, names, strict=True)):
+        img = DatasetRow(undecoded, i)
+        key = p or f"{text}#row{i}"
         if root is not None and not os.path.isabs(key):
             key = str(root / key)
         out.append(EmbedItem(str(key), img, None if name is None else str(name)))
@@ -190,7 +221,8 @@ def embed_items(
         decoded = []
         for item in group:
             try:
-                decoded.append((item, load_image(item.image)))
+                image = item.image.read() if isinstance(item.image, DatasetRow) else item.image
+                decoded.append((item, load_image(image)))
             except BadImageError as e:
                 failures.append((item.key, e.reason))
         if spec is None:
