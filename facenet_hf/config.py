@@ -126,6 +126,10 @@ class LossConfig:
     objective: Objective = "triplet"
     margin: float = 0.2  # the triplet margin
     mining: MiningMode = "semihard"
+    # a mining schedule: from this fraction of the training (0..1, after warm-up; by steps, or by time with
+    # train.time_budget_minutes) the triplet loss mines with mining_after instead (e.g. semihard, then batch_hard)
+    mining_switch_at: float | None = None
+    mining_after: MiningMode = "batch_hard"
     squared: bool = True  # squared Euclidean distance (FaceNet) or plain Euclidean
     global_mining: bool = False  # mine over the batch gathered from all processes
     margin_softmax_weight: float = 1.0  # the margin-softmax term's weight
@@ -387,6 +391,17 @@ def _validate_loss(loss: LossConfig) -> None:
             f"loss.cosface_margin: {loss.cosface_margin!r} is out of range; it must be in [0, 1] (a cosine; "
             "the paper's 0.35)"
         )
+    if loss.mining_switch_at is not None:
+        if not 0.0 <= loss.mining_switch_at < 1.0:
+            raise ConfigError(
+                f"loss.mining_switch_at: {loss.mining_switch_at!r} is out of range; it must be in [0, 1) (the "
+                "fraction of the training after which loss.mining_after is used), or null for no schedule"
+            )
+        if loss.objective in ("arcface", "cosface"):
+            raise ConfigError(
+                f"loss.mining_switch_at schedules the triplet loss's mining; loss.objective={loss.objective!r} "
+                "has no triplet term (use triplet, triplet+arcface or triplet+cosface)"
+            )
     for key in ("arcface_margin", "cosface_margin", "margin_softmax_weight", "margin_softmax_scale"):
         if not math.isfinite(getattr(loss, key)):
             raise ConfigError(f"loss.{key}: {getattr(loss, key)!r} must be a finite number")

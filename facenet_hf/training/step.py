@@ -8,6 +8,7 @@ import logging
 import torch
 
 from facenet_hf.config import Config
+from facenet_hf.losses import TripletLoss
 from facenet_hf.training.distributed import any_process
 from facenet_hf.training.optim import lr_factor, set_lr
 from facenet_hf.training.state import TrainState
@@ -41,6 +42,7 @@ def train_step(
     # a loss with parameters (a margin-softmax classifier) is prepared like the model: DDP skips its all-reduce too
     with accelerator.accumulate(model, loss_fn) if trained else accelerator.accumulate(model):
         emb = model(x)
+        hard = _schedule_mining(_unwrap(accelerator, loss_fn), cfg, state, total_steps)
         kwargs = {}
         if cfg.loss.global_mining and accelerator.num_processes > 1:
             emb, labels, valid, local = _gather_with_local_grad(accelerator, emb, labels, valid)
@@ -48,6 +50,8 @@ def train_step(
                 kwargs["local"] = local[valid]
         loss, stats = loss_fn(emb[valid], labels[valid], **kwargs)
         stats["loss"] = loss.detach()  # logged as computed (before the scaling below)
+        if hard is not None:
+            stats["mining_after"] = torch.tensor(float(hard))  # 1.0 once loss.mining_after is in use
         if cfg.loss.global_mining and accelerator.num_processes > 1:
             loss = loss * accelerator.num_processes  # DDP averages: this makes the sum the global gradient
         if any_process(accelerator, ~torch.isfinite(loss.detach())):
@@ -96,6 +100,21 @@ def _gather_with_local_grad(accelerator, emb, labels, valid):
     local = torch.zeros(all_emb.shape[0], dtype=torch.bool, device=emb.device)
     local[r * b : (r + 1) * b] = True
     return all_emb, accelerator.gather(labels), accelerator.gather(valid), local
+
+
+def _schedule_mining(loss_fn, cfg: Config, state: TrainState, total_steps: int) -> bool | None:
+    """Apply ``loss.mining_switch_at``: set the triplet loss's mining for this step (``loss.mining`` before the
+    switch, ``loss.mining_after`` from it). Returns whether the later mode is in use, or None without a schedule
+    (or without a TripletLoss to schedule, e.g. a custom loss)."""
+    lc = cfg.loss
+    if lc.mining_switch_at is None:
+        return None
+    triplet = loss_fn if isinstance(loss_fn, TripletLoss) else getattr(loss_fn, "triplet", None)
+    if not isinstance(triplet, TripletLoss):
+        return None
+    hard = _progress(state, cfg, total_steps) >= lc.mining_switch_at
+    triplet.mining = lc.mining_after if hard else lc.mining
+    return hard
 
 
 def _progress(state: TrainState, cfg: Config, total_steps: int) -> float:
