@@ -35,7 +35,7 @@ def run_row(run: Path, base: dict) -> dict:
     cfg = _flat(yaml.safe_load((run / "config.yaml").read_text()))
     report = json.loads((run / "eval" / "lfw_report.json").read_text())
     steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    last = [x for x in steps if "loss" in x][-1]
+    last = [x for x in steps if "elapsed" in x][-1]  # the final evaluation's line: every step done
     p, k = cfg["data.p"], cfg["data.k"]
     diff = {key: cfg[key] for key in sorted(cfg) if key not in IGNORED and base.get(key) != cfg[key]}
     return {
@@ -50,7 +50,7 @@ def run_row(run: Path, base: dict) -> dict:
         "steps": last["step"],
         "images": last["step"] * p * k,
         "train_s": last["elapsed"],
-        "images_per_second": last["images_per_second"],
+        "images_per_second": last["step"] * p * k / max(last["elapsed"], 1e-9),
     }
 
 
