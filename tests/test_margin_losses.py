@@ -378,7 +378,9 @@ def test_two_processes_average_the_classifier_gradient(tmp_path):
         grads = torch.autograd.grad(loss, params)
         want = [(p - g).detach() for p, g in zip(params, grads, strict=True)]
         for w, g in zip(want, got[0]["params"], strict=True):
-            torch.testing.assert_close(torch.tensor(g), w, rtol=1e-5, atol=1e-6)
+            # float32 sums in another order (gloo's all-reduce, other thread counts): 1e-5-relative noise was
+            # seen; an averaging error (x2, x0.5) or a missing classifier gradient is 1e-1 or more
+            torch.testing.assert_close(torch.tensor(g), w, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
