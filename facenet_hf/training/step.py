@@ -42,7 +42,7 @@ def train_step(
     # a loss with parameters (a margin-softmax classifier) is prepared like the model: DDP skips its all-reduce too
     with accelerator.accumulate(model, loss_fn) if trained else accelerator.accumulate(model):
         emb = model(x)
-        hard = _schedule_mining(_unwrap(accelerator, loss_fn), cfg, state, total_steps)
+        hard = _schedule_mining(accelerator, loss_fn, cfg, state, total_steps)
         kwargs = {}
         if cfg.loss.global_mining and accelerator.num_processes > 1:
             emb, labels, valid, local = _gather_with_local_grad(accelerator, emb, labels, valid)
@@ -102,13 +102,14 @@ def _gather_with_local_grad(accelerator, emb, labels, valid):
     return all_emb, accelerator.gather(labels), accelerator.gather(valid), local
 
 
-def _schedule_mining(loss_fn, cfg: Config, state: TrainState, total_steps: int) -> bool | None:
+def _schedule_mining(accelerator, loss_fn, cfg: Config, state: TrainState, total_steps: int) -> bool | None:
     """Apply ``loss.mining_switch_at``: set the triplet loss's mining for this step (``loss.mining`` before the
     switch, ``loss.mining_after`` from it). Returns whether the later mode is in use, or None without a schedule
     (or without a TripletLoss to schedule, e.g. a custom loss)."""
     lc = cfg.loss
-    if lc.mining_switch_at is None:
+    if lc.mining_switch_at is None:  # the common case: nothing to unwrap or set on the hot path
         return None
+    loss_fn = _unwrap(accelerator, loss_fn)
     triplet = loss_fn if isinstance(loss_fn, TripletLoss) else getattr(loss_fn, "triplet", None)
     if not isinstance(triplet, TripletLoss):
         return None
